@@ -1,0 +1,11 @@
+"""fastdiff: a fused, low-level sampler engine for text-to-image diffusion.
+
+    import fastdiff
+    fastdiff.backend_info()          # which kernel serves each op on CPU and CUDA
+    fastdiff.sampling.sample(...)    # drive any eps / v / x0 denoiser with a named sampler
+"""
+from .ops import backend_info, get_backend, set_backend
+from . import ops, sampling, guidance
+
+__version__ = "0.1.0"
+__all__ = ["backend_info", "set_backend", "get_backend", "ops", "sampling", "guidance", "__version__"]

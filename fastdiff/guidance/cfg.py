@@ -1,0 +1,81 @@
+"""Classifier-free guidance as one batched model call (Ho & Salimans 2022).
+
+The conditional and unconditional passes run as a single call on a batch of 2N; the
+two halves of its output are handed to the sampler as views, and the combine
+``u + s * (c - u)`` happens inside the fused ``guided_step``, not here.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+
+class ModelOutput(NamedTuple):
+    """What a denoiser gives a sampler: the conditional output, and for CFG the rest."""
+
+    cond: Tensor
+    uncond: Optional[Tensor] = None
+    scale: Optional[Tensor] = None  # float32 [1] or [N]
+
+
+def as_model_output(out: Union[Tensor, ModelOutput]) -> ModelOutput:
+    return out if isinstance(out, ModelOutput) else ModelOutput(out)
+
+
+def _cat_conditioning(first: Any, second: Any) -> Any:
+    """Batch two conditionings (tensors, or dicts/tuples of tensors) along dim 0."""
+    if isinstance(first, Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, dict):
+        return {k: _cat_conditioning(first[k], second[k]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat_conditioning(a, b) for a, b in zip(first, second))
+    if first is None:
+        return None
+    raise TypeError(f"cannot batch conditioning of type {type(first).__name__}")
+
+
+class ClassifierFreeGuidance:
+    """Wraps ``model(x, t, cond) -> Tensor`` into a guided denoiser ``(x, t) -> ModelOutput``.
+
+    scale: one float, or one per sample. A scale of exactly 1 everywhere skips the
+    unconditional pass (the guided prediction equals the conditional one).
+    uncond_first: order of the halves in the batched call: diffusers puts the
+    unconditional half first, GLIDE the conditional one. Only the model sees it.
+    """
+
+    def __init__(self, model: Callable[[Tensor, Tensor, Any], Tensor], cond: Any, uncond: Any,
+                 scale: Union[float, Sequence[float], Tensor], *, uncond_first: bool = True):
+        self.model = model
+        self.cond = cond
+        scale_t = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if not torch.isfinite(scale_t).all():
+            raise ValueError(f"guidance scale must be finite, got {scale_t.tolist()}")
+        self.guided = bool((scale_t != 1.0).any()) and uncond is not None
+        self.uncond_first = uncond_first
+        self._scale_cpu = scale_t
+        self._scale = {}
+        # Batched once per run, not once per step.
+        self.batched_cond = (
+            (_cat_conditioning(uncond, cond) if uncond_first else _cat_conditioning(cond, uncond))
+            if self.guided else None
+        )
+
+    def scale_on(self, device: torch.device) -> Tensor:
+        if device not in self._scale:
+            self._scale[device] = self._scale_cpu.to(device)
+        return self._scale[device]
+
+    def __call__(self, x: Tensor, t: Tensor) -> ModelOutput:
+        if not self.guided:
+            return ModelOutput(self.model(x, t, self.cond))
+        n = x.shape[0]
+        scale = self.scale_on(x.device)
+        if scale.numel() not in (1, n):
+            raise ValueError(f"{scale.numel()} guidance scales for a batch of {n}")
+        out = self.model(torch.cat([x, x]), t, self.batched_cond)
+        first, second = out[:n], out[n:]
+        uncond, cond = (first, second) if self.uncond_first else (second, first)
+        return ModelOutput(cond, uncond, scale)

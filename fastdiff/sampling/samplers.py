@@ -1,0 +1,201 @@
+"""Samplers: each is a short function that builds its plan (steps.py) and runs it.
+
+Every sampler takes a denoiser ``denoiser(x, t) -> Tensor | ModelOutput`` (wrap a
+conditional model with ``fastdiff.guidance.ClassifierFreeGuidance`` for CFG), unit
+starting noise ``x``, a diffusers-style ``SchedulerConfig`` and the step count, and
+returns the final sample. All of them share the conventions:
+
+  generator   torch.Generator for every random draw (noise is drawn in the order and
+              shape diffusers' schedulers draw it, so a seed reproduces their samples)
+  noise       optional callable ``noise(step_index, like) -> Tensor`` replacing the draws
+  callback    ``callback(StepInfo)`` after every model call
+  progress    a tqdm bar over the model calls; False turns it off
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..guidance.cfg import ModelOutput, as_model_output
+from ..ops import coeffs as C
+from ..ops.guided_step import guided_step
+from . import steps as S
+from .schedules import SchedulerConfig
+
+Denoiser = Callable[[Tensor, Tensor], Union[Tensor, ModelOutput]]
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after step `index` of `total`."""
+
+    index: int
+    total: int
+    t: Tensor          # the timestep the model saw (device tensor; no sync unless you read it)
+    x: Tensor          # the sample after the step (model input space)
+    x0: Tensor         # the step's prediction of the clean sample
+
+
+def _randn(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Standard normal noise like `like`, drawn on the generator's device as diffusers does."""
+    device = generator.device if generator is not None else like.device
+    z = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
+    return z.to(like.device)
+
+
+def _last_uses(steps) -> dict:
+    last = {}
+    for i, s in enumerate(steps):
+        for ref in s.history:
+            last[ref] = i
+    return last
+
+
+def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional[torch.Generator] = None,
+             noise: Optional[Callable[[int, Tensor], Tensor]] = None,
+             callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = True) -> Tensor:
+    """Execute a plan: one model call and one fused guided_step per step, no host syncs."""
+    if not torch.is_floating_point(x):
+        raise TypeError(f"the starting sample must be a floating-point tensor, got {x.dtype}")
+    device = x.device
+    width = max(len(s.row) for s in plan.steps)
+    table = np.zeros((len(plan.steps), width))
+    for i, s in enumerate(plan.steps):
+        table[i, : len(s.row)] = s.row
+    # Coefficients and timesteps go to the device once per run.
+    rows = torch.tensor(table, dtype=torch.float32, device=device)
+    ts = torch.tensor([s.t for s in plan.steps], dtype=plan.t_dtype, device=device)
+    x0_rows = None
+    if callback is not None and not plan.denoised_is_x0:
+        x0_table = np.zeros((len(plan.steps), C.NUM_FIXED))
+        x0_table[:, [C.X0_X, C.X0_P]] = table[:, [C.X0_X, C.X0_P]]
+        x0_table[:, C.OUT_X0] = 1.0
+        x0_rows = torch.tensor(x0_table, dtype=torch.float32, device=device)
+
+    if plan.init_scale != 1.0:
+        x = x * plan.init_scale
+    store = {}
+    last_use = _last_uses(plan.steps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(plan.steps), desc=plan.name or "sampling", leave=False)
+    try:
+        for i, step in enumerate(plan.steps):
+            out = as_model_output(denoiser(x, ts[i]))
+            z = None
+            if step.noise:
+                z = noise(i, x) if noise is not None else _randn(x, generator)
+            want_x0 = callback is not None and plan.denoised_is_x0
+            x_next, den = guided_step(
+                x, out.cond, out.uncond, out.scale,
+                coeffs=rows[i : i + 1, : len(step.row)], noise=z,
+                history=[store[ref] for ref in step.history],
+                clip_range=plan.clip_range, learned_variance=plan.learned_variance,
+                write_denoised=step.write_denoised or want_x0)
+            if ("x", i) in last_use:
+                store[("x", i)] = x
+            if ("den", i) in last_use:
+                store[("den", i)] = den
+            for ref in [r for r, last in last_use.items() if last == i]:
+                store.pop(ref, None)
+            if callback is not None:
+                x0 = den if plan.denoised_is_x0 else guided_step(
+                    x, out.cond, out.uncond, out.scale, coeffs=x0_rows[i : i + 1],
+                    clip_range=plan.clip_range)[0]
+                callback(StepInfo(i, len(plan.steps), ts[i], x_next, x0))
+            x = x_next
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return x
+
+
+def _config(config: Optional[Union[SchedulerConfig, dict, str]]) -> SchedulerConfig:
+    if config is None:
+        return SchedulerConfig()
+    if isinstance(config, SchedulerConfig):
+        return config
+    if isinstance(config, dict):
+        return SchedulerConfig.from_dict(config)
+    return SchedulerConfig.from_json(config)
+
+
+def _check_steps(num_steps) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    return int(num_steps)
+
+
+def sample_ddim(denoiser, x, config=None, num_steps=50, *, eta=0.0, use_clipped_model_output=False, **kw):
+    """DDIM, Song et al. 2021 (eq. 12); eta=0 deterministic, eta=1 DDPM-like."""
+    plan = S.ddim_plan(_config(config), _check_steps(num_steps), eta, use_clipped_model_output)
+    return run_plan(denoiser, x, plan, **kw)
+
+
+def sample_ddpm(denoiser, x, config=None, num_steps=1000, *, timesteps=None, **kw):
+    """Ancestral DDPM, Ho et al. 2020; fixed or learned-range variance (Nichol & Dhariwal 2021)."""
+    num_steps = len(timesteps) if timesteps is not None else _check_steps(num_steps)
+    return run_plan(denoiser, x, S.ddpm_plan(_config(config), num_steps, timesteps), **kw)
+
+
+def sample_pndm(denoiser, x, config=None, num_steps=50, **kw):
+    """PNDM, Liu et al. 2022: pseudo Runge-Kutta warm-up then pseudo linear multistep."""
+    return run_plan(denoiser, x, S.pndm_plan(_config(config), _check_steps(num_steps)), **kw)
+
+
+def sample_euler(denoiser, x, config=None, num_steps=50, **kw):
+    """Euler on the probability-flow ODE, Karras et al. 2022 (Alg. 1, no churn)."""
+    return run_plan(denoiser, x, S.euler_plan(_config(config), _check_steps(num_steps)), **kw)
+
+
+def sample_euler_ancestral(denoiser, x, config=None, num_steps=50, **kw):
+    """Euler with ancestral noise: step to sigma_down, add sigma_up noise (k-diffusion)."""
+    plan = S.euler_plan(_config(config), _check_steps(num_steps), ancestral=True)
+    return run_plan(denoiser, x, plan, **kw)
+
+
+def sample_heun(denoiser, x, config=None, num_steps=50, **kw):
+    """Heun's second-order method, Karras et al. 2022 (Alg. 1); 2 * steps - 1 model calls."""
+    return run_plan(denoiser, x, S.heun_plan(_config(config), _check_steps(num_steps)), **kw)
+
+
+def sample_dpmpp_2m(denoiser, x, config=None, num_steps=25, *, karras=None, **kw):
+    """DPM-Solver++(2M), Lu et al. 2022 (Alg. 2, midpoint); karras=True for Karras sigmas."""
+    plan = S.dpmpp_2m_plan(_config(config), _check_steps(num_steps), karras)
+    return run_plan(denoiser, x, plan, **kw)
+
+
+def sample_dpmpp_2m_karras(denoiser, x, config=None, num_steps=25, **kw):
+    """DPM-Solver++(2M) on the Karras et al. 2022 sigma grid (rho = 7)."""
+    return sample_dpmpp_2m(denoiser, x, config, num_steps, karras=True, **kw)
+
+
+SAMPLERS = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "pndm": sample_pndm,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m_karras,
+}
+
+
+def get_sampler(name: str):
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}") from None
+
+
+def sample(name: str, denoiser, x, config=None, num_steps=50, **kw) -> Tensor:
+    """Run the sampler called `name` (see SAMPLERS); keyword arguments as its function's."""
+    return get_sampler(name)(denoiser, x, config, num_steps, **kw)
