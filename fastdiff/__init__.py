@@ -3,9 +3,11 @@
     import fastdiff
     fastdiff.backend_info()          # which kernel serves each op on CPU and CUDA
     fastdiff.sampling.sample(...)    # drive any eps / v / x0 denoiser with a named sampler
+    fastdiff.Pipeline.from_pretrained("path/to/sd")  .generate("a prompt")
 """
 from .ops import backend_info, get_backend, set_backend
 from . import ops, sampling, guidance
+from .pipelines import Pipeline, StableDiffusionPipeline
 
 __version__ = "0.1.0"
-__all__ = ["backend_info", "set_backend", "get_backend", "ops", "sampling", "guidance", "__version__"]
+__all__ = ["Pipeline", "StableDiffusionPipeline", "backend_info", "set_backend", "get_backend", "ops", "sampling", "guidance", "__version__"]

@@ -88,3 +88,56 @@ def test_cuda_sources_compile():
     r = subprocess.run(["bash", "scripts/check_cuda_compile.sh"], capture_output=True, text=True, cwd=ROOT,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from sd_fixtures import make_pipeline
+
+    folder = str(tmp_path_factory.mktemp("sd_cli"))
+    make_pipeline(folder, "sd1")
+    return folder
+
+
+def test_generate_writes_images(sd_folder, tmp_path):
+    out = tmp_path / "one.png"
+    assert main(["generate", "a red circle", "--model", sd_folder, "--steps", "2", "--sampler", "dpmpp_2m",
+                 "--seed", "0", "-o", str(out), "--no-progress"]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n# a comment\n\na blue square\n")
+    folder = tmp_path / "many"
+    assert main(["generate", "--prompts-file", str(prompts), "--model", sd_folder, "--steps", "2",
+                 "--images-per-prompt", "2", "-o", str(folder), "--no-progress"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "000-a-red-circle.png", "001-a-red-circle.png", "002-a-blue-square.png", "003-a-blue-square.png"]
+
+
+def test_generate_same_seed_same_image(sd_folder, tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(2)]
+    for p in paths:
+        main(["generate", "a red circle", "--model", sd_folder, "--steps", "2", "--seed", "7", "-o", str(p),
+              "--no-progress"])
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_generate_bad_input_is_a_clear_error(sd_folder, tmp_path, capsys):
+    assert main(["generate", "a", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert main(["generate", "a", "--model", sd_folder, "--height", "60", "-o", str(tmp_path / "x.png")]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    assert main(["generate", "--model", sd_folder]) == 2
+    assert "at least one prompt" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for option in ["--model", "--steps", "--guidance", "--sampler", "--seed", "--output", "--prompts-file",
+                   "--negative", "--height", "--images-per-prompt", "--dtype", "--no-progress"]:
+        assert option in out

@@ -44,10 +44,17 @@ class ClassifierFreeGuidance:
     unconditional pass (the guided prediction equals the conditional one).
     uncond_first: order of the halves in the batched call: diffusers puts the
     unconditional half first, GLIDE the conditional one. Only the model sees it.
+    rescale: guidance rescale phi of Lin et al. 2023 (eq. 15-16): the guided output's
+    per-sample std is pulled towards the conditional one's. It needs a reduction over
+    each sample, so with phi > 0 the combine runs here (eagerly) instead of in the op.
     """
 
     def __init__(self, model: Callable[[Tensor, Tensor, Any], Tensor], cond: Any, uncond: Any,
-                 scale: Union[float, Sequence[float], Tensor], *, uncond_first: bool = True):
+                 scale: Union[float, Sequence[float], Tensor], *, uncond_first: bool = True,
+                 rescale: float = 0.0):
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
+        self.rescale = float(rescale)
         self.model = model
         self.cond = cond
         scale_t = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
@@ -78,4 +85,15 @@ class ClassifierFreeGuidance:
         out = self.model(torch.cat([x, x]), t, self.batched_cond)
         first, second = out[:n], out[n:]
         uncond, cond = (first, second) if self.uncond_first else (second, first)
+        if self.rescale > 0:
+            return ModelOutput(rescale_guidance(cond, uncond, scale, self.rescale))
         return ModelOutput(cond, uncond, scale)
+
+
+def rescale_guidance(cond: Tensor, uncond: Tensor, scale: Tensor, phi: float) -> Tensor:
+    """CFG combine, then std rescale towards the conditional output (Lin et al. 2023)."""
+    shape = (-1,) + (1,) * (cond.dim() - 1)
+    guided = uncond + scale.to(cond.dtype).reshape(shape) * (cond - uncond)
+    dims = list(range(1, cond.dim()))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided

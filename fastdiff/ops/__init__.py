@@ -6,12 +6,16 @@
 from . import _library, coeffs, reference
 from ._library import get_backend, set_backend
 from .guided_step import guided_step
+from .attention import attention
+from .group_norm import group_norm
 
-__all__ = ["guided_step", "reference", "coeffs", "set_backend", "get_backend", "backend_info"]
+__all__ = ["guided_step", "attention", "group_norm", "reference", "coeffs", "set_backend", "get_backend", "backend_info"]
 
 
 def backend_info() -> dict:
     """Per op and device, the implementation that runs; plus how the extension loaded."""
+    from .attention import implementation as attention_impl
+    from .group_norm import implementation as group_norm_impl
     from .guided_step import implementation
 
     return {
@@ -24,5 +28,7 @@ def backend_info() -> dict:
         "triton": _library.triton_available(),
         "ops": {
             "guided_step": {"cpu": implementation("cpu"), "cuda": implementation("cuda")},
+            "attention": {"cpu": attention_impl("cpu"), "cuda": attention_impl("cuda")},
+            "group_norm": {"cpu": group_norm_impl("cpu"), "cuda": group_norm_impl("cuda")},
         },
     }

@@ -85,3 +85,39 @@ def guided_step(
     else:
         den = x.new_empty(0)
     return out, den
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+              scale: Optional[float] = None) -> Tensor:
+    """softmax(q k^T * scale) v over [B, H, L, D] tensors, in float32.
+
+    key_padding_mask: [B, Lk] bool, True where a key may be attended to. A query
+    whose keys are all masked gets zeros (not NaN).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :].to(torch.bool)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float = 1e-5, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+               silu: bool = False) -> Tensor:
+    """GroupNorm, then optionally x * (1 + scale) + shift per sample and channel (ADM's
+    use_scale_shift_norm, scale/shift [B, C]), then optionally SiLU; float32 inside."""
+    y = torch.nn.functional.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
+                                       None if bias is None else bias.float(), eps)
+    if scale is not None or shift is not None:
+        extra = [1] * (x.dim() - 2)
+        if scale is not None:
+            y = y * (1 + scale.float().reshape(*scale.shape, *extra))
+        if shift is not None:
+            y = y + shift.float().reshape(*shift.shape, *extra)
+    if silu:
+        y = torch.nn.functional.silu(y)
+    return y.to(x.dtype)

@@ -57,8 +57,15 @@ def _last_uses(steps) -> dict:
 
 def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional[torch.Generator] = None,
              noise: Optional[Callable[[int, Tensor], Tensor]] = None,
-             callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = True) -> Tensor:
-    """Execute a plan: one model call and one fused guided_step per step, no host syncs."""
+             callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = True,
+             x_is_noise: bool = True) -> Tensor:
+    """Execute a plan: one model call and one fused guided_step per step, no host syncs.
+
+    x is unit starting noise (scaled by the plan's init_scale), or with x_is_noise=False
+    an already noised sample in the model's input space (img2img).
+    """
+    if not plan.steps:
+        raise ValueError("nothing to sample: the plan has no steps")
     if not torch.is_floating_point(x):
         raise TypeError(f"the starting sample must be a floating-point tensor, got {x.dtype}")
     device = x.device
@@ -76,7 +83,7 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
         x0_table[:, C.OUT_X0] = 1.0
         x0_rows = torch.tensor(x0_table, dtype=torch.float32, device=device)
 
-    if plan.init_scale != 1.0:
+    if x_is_noise and plan.init_scale != 1.0:
         x = x * plan.init_scale
     store = {}
     last_use = _last_uses(plan.steps)
@@ -133,42 +140,42 @@ def _check_steps(num_steps) -> int:
     return int(num_steps)
 
 
-def sample_ddim(denoiser, x, config=None, num_steps=50, *, eta=0.0, use_clipped_model_output=False, **kw):
+def sample_ddim(denoiser, x, config=None, num_steps=50, *, eta=0.0, use_clipped_model_output=False, start=0, **kw):
     """DDIM, Song et al. 2021 (eq. 12); eta=0 deterministic, eta=1 DDPM-like."""
-    plan = S.ddim_plan(_config(config), _check_steps(num_steps), eta, use_clipped_model_output)
+    plan = S.ddim_plan(_config(config), _check_steps(num_steps), eta, use_clipped_model_output, start)
     return run_plan(denoiser, x, plan, **kw)
 
 
-def sample_ddpm(denoiser, x, config=None, num_steps=1000, *, timesteps=None, **kw):
+def sample_ddpm(denoiser, x, config=None, num_steps=1000, *, timesteps=None, start=0, **kw):
     """Ancestral DDPM, Ho et al. 2020; fixed or learned-range variance (Nichol & Dhariwal 2021)."""
     num_steps = len(timesteps) if timesteps is not None else _check_steps(num_steps)
-    return run_plan(denoiser, x, S.ddpm_plan(_config(config), num_steps, timesteps), **kw)
+    return run_plan(denoiser, x, S.ddpm_plan(_config(config), num_steps, timesteps, start), **kw)
 
 
-def sample_pndm(denoiser, x, config=None, num_steps=50, **kw):
+def sample_pndm(denoiser, x, config=None, num_steps=50, *, start=0, **kw):
     """PNDM, Liu et al. 2022: pseudo Runge-Kutta warm-up then pseudo linear multistep."""
-    return run_plan(denoiser, x, S.pndm_plan(_config(config), _check_steps(num_steps)), **kw)
+    return run_plan(denoiser, x, S.pndm_plan(_config(config), _check_steps(num_steps), start), **kw)
 
 
-def sample_euler(denoiser, x, config=None, num_steps=50, **kw):
+def sample_euler(denoiser, x, config=None, num_steps=50, *, start=0, **kw):
     """Euler on the probability-flow ODE, Karras et al. 2022 (Alg. 1, no churn)."""
-    return run_plan(denoiser, x, S.euler_plan(_config(config), _check_steps(num_steps)), **kw)
+    return run_plan(denoiser, x, S.euler_plan(_config(config), _check_steps(num_steps), start=start), **kw)
 
 
-def sample_euler_ancestral(denoiser, x, config=None, num_steps=50, **kw):
+def sample_euler_ancestral(denoiser, x, config=None, num_steps=50, *, start=0, **kw):
     """Euler with ancestral noise: step to sigma_down, add sigma_up noise (k-diffusion)."""
-    plan = S.euler_plan(_config(config), _check_steps(num_steps), ancestral=True)
+    plan = S.euler_plan(_config(config), _check_steps(num_steps), ancestral=True, start=start)
     return run_plan(denoiser, x, plan, **kw)
 
 
-def sample_heun(denoiser, x, config=None, num_steps=50, **kw):
+def sample_heun(denoiser, x, config=None, num_steps=50, *, start=0, **kw):
     """Heun's second-order method, Karras et al. 2022 (Alg. 1); 2 * steps - 1 model calls."""
-    return run_plan(denoiser, x, S.heun_plan(_config(config), _check_steps(num_steps)), **kw)
+    return run_plan(denoiser, x, S.heun_plan(_config(config), _check_steps(num_steps), start), **kw)
 
 
-def sample_dpmpp_2m(denoiser, x, config=None, num_steps=25, *, karras=None, **kw):
+def sample_dpmpp_2m(denoiser, x, config=None, num_steps=25, *, karras=None, start=0, **kw):
     """DPM-Solver++(2M), Lu et al. 2022 (Alg. 2, midpoint); karras=True for Karras sigmas."""
-    plan = S.dpmpp_2m_plan(_config(config), _check_steps(num_steps), karras)
+    plan = S.dpmpp_2m_plan(_config(config), _check_steps(num_steps), karras, start)
     return run_plan(denoiser, x, plan, **kw)
 
 

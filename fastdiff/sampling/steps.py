@@ -36,6 +36,7 @@ class Step:
     history: tuple = ()          # ("x", k): the sample step k started from; ("den", k): step k's denoised
     noise: bool = False
     write_denoised: bool = False
+    alpha_bar: float = 0.0       # alpha_bar of the sample this step starts from (img2img entry)
 
 
 @dataclass
@@ -91,14 +92,14 @@ def _train_sigmas_f32(alphas_cumprod: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- DDIM / DDPM
 
 def ddim_plan(cfg: SchedulerConfig, num_steps: int, eta: float = 0.0,
-              use_clipped_model_output: bool = False) -> Plan:
+              use_clipped_model_output: bool = False, start: int = 0) -> Plan:
     """DDIM (Song et al. 2021, eq. 12), diffusers' timesteps and final alpha."""
     cfg = cfg.resolved("ddim")
     sched = cfg.noise_schedule("ddim")
     ac, T = sched.alphas_cumprod, sched.num_train_timesteps
     final = 1.0 if cfg.set_alpha_to_one else ac[0]
     steps = []
-    for t in spaced_timesteps(T, num_steps, cfg.timestep_spacing, cfg.steps_offset):
+    for t in spaced_timesteps(T, num_steps, cfg.timestep_spacing, cfg.steps_offset)[start:]:
         prev = t - T // num_steps
         a, ap = ac[t], (ac[prev] if prev >= 0 else final)
         (x0x, x0p), (ex, ep) = vp_conversion(cfg.prediction_type, a)
@@ -108,18 +109,18 @@ def ddim_plan(cfg: SchedulerConfig, num_steps: int, eta: float = 0.0,
         out = [direction * ex, direction * ep, np.sqrt(ap)]
         if use_clipped_model_output:  # eps re-derived from the (clipped) x0, as GLIDE does
             out = [direction / np.sqrt(1 - a), 0.0, np.sqrt(ap) - direction * np.sqrt(a) / np.sqrt(1 - a)]
-        steps.append(Step(float(t), row((x0x, x0p), out, noise=std), noise=eta > 0))
+        steps.append(Step(float(t), row((x0x, x0p), out, noise=std), noise=eta > 0, alpha_bar=a))
     return Plan(steps, clip_range=cfg.clip_sample_range if cfg.clip_sample else None, name="ddim")
 
 
-def ddpm_plan(cfg: SchedulerConfig, num_steps: int, timesteps=None) -> Plan:
+def ddpm_plan(cfg: SchedulerConfig, num_steps: int, timesteps=None, start: int = 0) -> Plan:
     """Ancestral DDPM (Ho et al. 2020) over any timestep subset; fixed or learned-range variance."""
     cfg = cfg.resolved("ddpm")
     sched = cfg.noise_schedule("ddpm")
     ac, T = sched.alphas_cumprod, sched.num_train_timesteps
     if timesteps is None:
         timesteps = spaced_timesteps(T, num_steps, cfg.timestep_spacing, cfg.steps_offset)
-    timesteps = [int(t) for t in timesteps]
+    timesteps = [int(t) for t in timesteps][start:]
     if any(b >= a for a, b in zip(timesteps, timesteps[1:])) or timesteps[0] >= T or timesteps[-1] < 0:
         raise ValueError(f"timesteps must be strictly descending within [0, {T}), got {timesteps}")
     learned = cfg.variance_type == "learned_range"
@@ -139,14 +140,14 @@ def ddpm_plan(cfg: SchedulerConfig, num_steps: int, timesteps=None) -> Plan:
             std = np.sqrt(beta)
         else:  # fixed_small, fixed_small_log
             std = np.sqrt(posterior_var)
-        steps.append(Step(float(t), row((x0x, x0p), out, noise=std, logvar=logvar), noise=t > 0))
+        steps.append(Step(float(t), row((x0x, x0p), out, noise=std, logvar=logvar), noise=t > 0, alpha_bar=a))
     return Plan(steps, clip_range=cfg.clip_sample_range if cfg.clip_sample else None,
                 learned_variance=learned, name="ddpm")
 
 
 # --------------------------------------------------------------------------- PNDM
 
-def pndm_plan(cfg: SchedulerConfig, num_steps: int) -> Plan:
+def pndm_plan(cfg: SchedulerConfig, num_steps: int, start: int = 0) -> Plan:
     """PNDM (Liu et al. 2022): Runge-Kutta warm-up (unless skip_prk_steps), then linear multistep.
 
     Mirrors diffusers' PNDMScheduler state machine step by step. The multistep history
@@ -170,6 +171,10 @@ def pndm_plan(cfg: SchedulerConfig, num_steps: int) -> Plan:
         prk = np.array(base[-4:]).repeat(2) + np.tile(np.array([0, ratio // 2]), 4)
         prk = prk[:-1].repeat(2)[1:-1][::-1]
         plms = base[:-3][::-1]
+    if start:
+        if not cfg.skip_prk_steps:
+            raise ValueError("starting PNDM part-way (img2img) needs skip_prk_steps=True, as in diffusers")
+        plms = plms[start:]
 
     def update(t, prev, sample_ref, weights):
         """_get_prev_sample on model output sum(w * p_ref), from sample `sample_ref`."""
@@ -233,6 +238,7 @@ def pndm_plan(cfg: SchedulerConfig, num_steps: int) -> Plan:
         s.write_denoised = ("den", i) in read
         # x0 at the model's timestep, for previews only (OUT_X0 is 0).
         s.row[C.X0_X], s.row[C.X0_P] = vp_conversion(cfg.prediction_type, ac[int(s.t)])[0]
+        s.alpha_bar = ac[int(s.t)]
     return Plan(steps, denoised_is_x0=False, name="pndm")
 
 
@@ -271,6 +277,13 @@ def _sigma_grid(cfg: SchedulerConfig, name: str, num_steps: int, karras: bool):
     return sigmas, timesteps.astype(np.float32).astype(np.float64)
 
 
+def _sigma_steps(sigmas, timesteps, start):
+    """(index, timestep, sigma, next sigma, alpha, next alpha) from step `start` on; alpha = 1/sqrt(sigma^2+1)."""
+    for i in range(start, len(timesteps)):
+        s, sn = sigmas[i], sigmas[i + 1]
+        yield i, timesteps[i], s, sn, 1 / np.sqrt(s**2 + 1), 1 / np.sqrt(sn**2 + 1)
+
+
 def _init_scale(cfg, sigmas):
     """diffusers' init_noise_sigma, mapped into the VP state: x_vp = x_ve * alpha."""
     smax = sigmas.max()
@@ -278,40 +291,37 @@ def _init_scale(cfg, sigmas):
     return float(init / np.sqrt(sigmas[0] ** 2 + 1))
 
 
-def euler_plan(cfg: SchedulerConfig, num_steps: int, ancestral: bool = False) -> Plan:
+def euler_plan(cfg: SchedulerConfig, num_steps: int, ancestral: bool = False, start: int = 0) -> Plan:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn),
     or its ancestral variant (k-diffusion's sample_euler_ancestral)."""
     name = "euler_a" if ancestral else "euler"
     cfg = cfg.resolved(name)
     sigmas, timesteps = _sigma_grid(cfg, name, num_steps, karras=bool(cfg.use_karras_sigmas) and not ancestral)
     steps = []
-    for i, t in enumerate(timesteps):
-        s, sn = sigmas[i], sigmas[i + 1]
-        alpha, alpha_n = 1 / np.sqrt(s**2 + 1), 1 / np.sqrt(sn**2 + 1)
+    for i, t, s, sn, alpha, alpha_n in _sigma_steps(sigmas, timesteps, start):
         up = np.sqrt(sn**2 * (s**2 - sn**2) / s**2) if ancestral else 0.0
         down = np.sqrt(sn**2 - up**2) if ancestral else sn
         # x_ve' = x_ve + (x_ve - x0) / s * (down - s); back to VP with alpha_n.
         ratio = down / s
         out = (alpha_n * ratio / alpha, 0.0, alpha_n * (1 - ratio))
         steps.append(Step(float(t), row(ve_conversion(cfg.prediction_type, s), out, noise=alpha_n * up),
-                          noise=ancestral))
+                          noise=ancestral, alpha_bar=alpha**2))
     return Plan(steps, init_scale=_init_scale(cfg, sigmas), t_dtype=torch.float32, name=name)
 
 
-def heun_plan(cfg: SchedulerConfig, num_steps: int) -> Plan:
+def heun_plan(cfg: SchedulerConfig, num_steps: int, start: int = 0) -> Plan:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1), Euler on the last step to sigma 0."""
     cfg = cfg.resolved("heun")
     sigmas, timesteps = _sigma_grid(cfg, "heun", num_steps, karras=bool(cfg.use_karras_sigmas))
     pred = cfg.prediction_type
     steps = []
-    for i, t in enumerate(timesteps):
-        s, sn = sigmas[i], sigmas[i + 1]
-        alpha, alpha_n = 1 / np.sqrt(s**2 + 1), 1 / np.sqrt(sn**2 + 1)
+    for i, t, s, sn, alpha, alpha_n in _sigma_steps(sigmas, timesteps, start):
         dt = sn - s
         # First order: Euler to sn, remembering the start sample and x0 for the correction.
         first = len(steps)
         steps.append(Step(float(t), row(ve_conversion(pred, s), (alpha_n * (sn / s) / alpha, 0.0,
-                                                                  alpha_n * (1 - sn / s)))))
+                                                                  alpha_n * (1 - sn / s))),
+                          alpha_bar=alpha**2))
         if sn == 0:
             break
         # Second order at sn: x_ve'' = x_ve + dt / 2 * (d(x_ve, s) + d(x_ve', sn)), d = (x - x0) / sigma.
@@ -324,7 +334,7 @@ def heun_plan(cfg: SchedulerConfig, num_steps: int) -> Plan:
                 clip_range=cfg.clip_sample_range if cfg.clip_sample else None, name="heun")
 
 
-def dpmpp_2m_plan(cfg: SchedulerConfig, num_steps: int, karras: Optional[bool] = None) -> Plan:
+def dpmpp_2m_plan(cfg: SchedulerConfig, num_steps: int, karras: Optional[bool] = None, start: int = 0) -> Plan:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint), diffusers' order and final-step rules."""
     cfg = cfg.resolved("dpmpp_2m")
     karras = bool(cfg.use_karras_sigmas) if karras is None else karras
@@ -354,22 +364,24 @@ def dpmpp_2m_plan(cfg: SchedulerConfig, num_steps: int, karras: Optional[bool] =
     sig_vp = sigmas * alpha              # VP sigma_t
     steps = []
     for i, t in enumerate(timesteps):
+        if i < start:
+            continue
         x0_coef = ve_conversion_dpm(cfg.prediction_type, alpha[i], sig_vp[i])
         # exp(-h) with lambda = log(alpha / sigma_vp) = -log(sigma_ve): a ratio of VE sigmas.
         e = sigmas[i + 1] / sigmas[i]
         lower_final = i == n - 1 and (
             (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero")
-        first_order = i == 0 or lower_final or cfg.solver_order == 1
+        first_order = i == start or lower_final or cfg.solver_order == 1
         base = alpha[i + 1] * (1 - e)    # -alpha_t (exp(-h) - 1)
         if first_order:
             r = row(x0_coef, (sig_vp[i + 1] / sig_vp[i], 0.0, base))
-            steps.append(Step(float(t), r, write_denoised=True))
+            steps.append(Step(float(t), r, write_denoised=True, alpha_bar=alpha[i] ** 2))
         else:
             h = np.log(sigmas[i] / sigmas[i + 1])
             h0 = np.log(sigmas[i - 1] / sigmas[i])
             r0 = h0 / h
             r = row(x0_coef, (sig_vp[i + 1] / sig_vp[i], 0.0, base * (1 + 0.5 / r0)), hist=(-0.5 * base / r0,))
-            steps.append(Step(float(t), r, (("den", i - 1),), write_denoised=True))
+            steps.append(Step(float(t), r, (("den", i - 1 - start),), write_denoised=True, alpha_bar=alpha[i] ** 2))
     return Plan(steps, name="dpmpp_2m_karras" if karras else "dpmpp_2m")
 
 

@@ -1,0 +1,82 @@
+"""Reading a diffusers pipeline folder: model_index.json and one folder per component.
+
+Configs and weights load from the local folder only; a missing file, an unsupported
+component or a corrupt weight file is an error that names it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+from .files import CheckpointError, find_weights, load_state_dict_file
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_model_index(folder: str) -> Dict[str, Optional[tuple]]:
+    """{"_class_name": ..., component: (library, class) or None} from model_index.json."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    return read_json(os.path.join(folder, "model_index.json"))
+
+
+def component_dir(folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{folder} lacks the '{name}' component folder listed in model_index.json")
+    return path
+
+
+def load_module(module_cls, folder: str, name: str, device=None, dtype=None) -> torch.nn.Module:
+    """Build fastdiff's module from <folder>/<name>/config.json and load its weights strictly."""
+    path = component_dir(folder, name)
+    config = read_json(os.path.join(path, "config.json"))
+    model = module_cls.from_config(config)
+    weights_file = find_weights(path)
+    state = load_state_dict_file(weights_file)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_file} does not match the {name} architecture of its config.json: "
+            + (f"missing {sorted(missing)[:8]}" if missing else "")
+            + (f" unexpected {sorted(unexpected)[:8]}" if unexpected else ""))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_text_encoder(folder: str, name: str = "text_encoder", device=None, dtype=None):
+    from transformers import CLIPTextModel
+
+    path = component_dir(folder, name)
+    read_json(os.path.join(path, "config.json"))
+    find_weights(path, stems=("model", "pytorch_model"))
+    try:
+        model = CLIPTextModel.from_pretrained(path, local_files_only=True, use_safetensors=None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load the text encoder from {path}: {str(exc).splitlines()[0]}") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(folder: str, name: str = "tokenizer"):
+    from transformers import CLIPTokenizer
+
+    path = component_dir(folder, name)
+    has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
+    # Older saves hold the BPE files, newer ones (transformers 5) a single tokenizer.json.
+    if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+        raise FileNotFoundError(f"tokenizer files missing in {path}: expected tokenizer.json, "
+                                "or vocab.json and merges.txt")
+    try:
+        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load the tokenizer from {path}: {str(exc).splitlines()[0]}") from None
