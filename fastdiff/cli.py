@@ -79,14 +79,12 @@ def _cmd_generate(args) -> int:
     if not prompts:
         print("error: give at least one prompt (arguments or --prompts-file)", file=sys.stderr)
         return 2
-    if args.model is None:
-        print("error: --model PATH is required (a diffusers Stable Diffusion folder, or a .safetensors/.ckpt "
-              "single file with --config or --tokenizer)", file=sys.stderr)
-        return 2
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if os.path.isfile(args.model):
+        if args.model is None:
+            pipe = Pipeline(device=device, dtype=dtype)
+        elif os.path.isfile(args.model):
             from .pipelines import StableDiffusionPipeline
 
             pipe = StableDiffusionPipeline.from_single_file(args.model, config=args.config, tokenizer=args.tokenizer,
@@ -149,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "single-file checkpoint (.safetensors/.ckpt). Nothing is downloaded.")
     gen.add_argument("prompt", nargs="*", help="one or more prompts")
     gen.add_argument("--prompts-file", help="a text file with one prompt per line (# starts a comment)")
-    gen.add_argument("--model", help="diffusers model folder, or a single-file checkpoint")
+    gen.add_argument("--model", help="diffusers model folder, or a single-file checkpoint "
+                     "(default: the small model built into fastdiff)")
     gen.add_argument("--config", help="for a single file: a diffusers folder of the same model (configs, tokenizer)")
     gen.add_argument("--tokenizer", help="for a single file: a CLIP tokenizer folder (vocab.json, merges.txt)")
     gen.add_argument("-o", "--output", default="out.png",

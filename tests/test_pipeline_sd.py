@@ -233,3 +233,13 @@ def test_single_file_needs_a_tokenizer(pipes, tmp_path):
     save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="holds no tokenizer"):
         StableDiffusionPipeline.from_single_file(tmp_path / "m.safetensors")
+
+
+def test_pipeline_without_arguments_names_what_is_missing(monkeypatch, tmp_path):
+    from fastdiff.pipelines import base
+
+    monkeypatch.setattr(base, "DEFAULT_MODEL", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="default model is missing"):
+        fastdiff.Pipeline()
+    with pytest.raises(TypeError, match="from_pretrained"):
+        fastdiff.Pipeline("some/path")

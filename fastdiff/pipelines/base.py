@@ -47,8 +47,28 @@ def to_output(images: Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
 
-class Pipeline:
-    """Entry point: ``fastdiff.Pipeline.from_pretrained(path)`` returns the right pipeline."""
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "default_model")
+
+
+class _PipelineFactory(type):
+    """``fastdiff.Pipeline()`` with no arguments loads the model shipped inside the package."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is Pipeline:
+            if args:
+                raise TypeError("fastdiff.Pipeline() takes no positional arguments; use "
+                                "fastdiff.Pipeline.from_pretrained(path) for a model on disk")
+            if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
+                raise FileNotFoundError(
+                    f"the built-in default model is missing from this install ({DEFAULT_MODEL}); "
+                    "use fastdiff.Pipeline.from_pretrained(path) with a model folder")
+            return cls.from_pretrained(DEFAULT_MODEL, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class Pipeline(metaclass=_PipelineFactory):
+    """Entry point: ``fastdiff.Pipeline.from_pretrained(path)`` returns the right pipeline;
+    ``fastdiff.Pipeline()`` the built-in default model (device=, dtype= accepted)."""
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None) -> "Pipeline":
