@@ -2,6 +2,8 @@
 
     fastdiff info                     which kernel runs each op on CPU and CUDA
     fastdiff generate "a prompt" --model PATH   text-to-image with a Stable Diffusion model
+    fastdiff train ...                train a small text-to-image model (built-in shapes data or your own)
+    fastdiff eval ...                 attribute accuracy of a model, read by an independent judge
     fastdiff demo "a red circle"      sample an image with the engine (no weights needed)
 """
 from __future__ import annotations
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: %(default)s; fp16 needs CUDA)")
     gen.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     gen.set_defaults(func=_cmd_generate)
+    from .eval.cli import add_eval_parser
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
     demo = sub.add_parser(
         "demo", help="sample images of coloured shapes through the engine (no weights, offline)",
         description="Samples images with classifier-free guidance through fastdiff's fused sampler, using the "
