@@ -1,0 +1,33 @@
+"""The model shipped inside the package: it loads offline and draws through the same path as SD."""
+import os
+
+import numpy as np
+import pytest
+
+import fastdiff
+from fastdiff.pipelines.base import DEFAULT_MODEL
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")),
+                                reason="this checkout has no built-in default model")
+
+
+def test_default_model_is_small_and_documented():
+    total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(DEFAULT_MODEL) for f in files)
+    assert total < 30 * 2**20, total
+    assert os.path.isfile(os.path.join(DEFAULT_MODEL, "TRAINING.md"))
+
+
+def test_pipeline_without_arguments_generates():
+    pipe = fastdiff.Pipeline()
+    assert isinstance(pipe, fastdiff.StableDiffusionPipeline)
+    images = pipe.generate("a red circle above a blue square", num_inference_steps=4, seed=0, output_type="np",
+                           progress=False)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0.02
+
+
+def test_cli_generate_uses_the_default_model(tmp_path):
+    from fastdiff.cli import main
+
+    out = tmp_path / "x.png"
+    assert main(["generate", "a green triangle", "--steps", "4", "-o", str(out), "--no-progress"]) == 0
+    assert out.stat().st_size > 0
