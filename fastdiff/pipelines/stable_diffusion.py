@@ -261,6 +261,7 @@ class StableDiffusionPipeline(Pipeline):
 
     def _img2img_start(self, image, strength, shape, sampler, steps, generator, latents, kw):
         from ..sampling.img2img import noised_start
+        from ..sampling.samplers import _randn
 
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -270,9 +271,7 @@ class StableDiffusionPipeline(Pipeline):
                              f"{(shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor)}")
         mean, logvar = self.vae.encode(pixels)
         # As diffusers: sample the posterior with the generator, then draw the noise.
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator,
-                                                         device=generator.device if generator else mean.device,
-                                                         dtype=mean.dtype).to(mean.device)
+        z = mean + torch.exp(0.5 * logvar) * _randn(mean, generator)
         z = z * self.vae.scaling_factor
         noise = self._initial_noise(shape, generator, latents)
         return noised_start(z, noise, sampler, self.scheduler_config, steps, strength, kw)
