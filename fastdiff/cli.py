@@ -83,6 +83,13 @@ def _cmd_generate(args) -> int:
         return 2
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.glide is not None:
+        return _generate_glide(args, prompts, device, dtype)
+    if args.image or args.mask or args.glide_upsampler or args.clip_guidance is not None:
+        print("error: --image/--mask/--glide-upsampler/--clip-guidance are GLIDE options; give --glide BASE.pt",
+              file=sys.stderr)
+        return 2
+    guidance = 7.5 if args.guidance is None else args.guidance
     try:
         if args.model is None:
             pipe = Pipeline(device=device, dtype=dtype)
@@ -95,14 +102,61 @@ def _cmd_generate(args) -> int:
             pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
         start = time.perf_counter()
         images = pipe.generate(prompts, negative_prompt=[args.negative] * len(prompts) if args.negative else None,
-                               num_inference_steps=args.steps, guidance_scale=args.guidance,
+                               num_inference_steps=args.steps or 30, guidance_scale=guidance,
                                guidance_rescale=args.guidance_rescale, sampler=args.sampler, eta=args.eta,
                                num_images_per_prompt=args.images_per_prompt, height=args.height, width=args.width,
                                seed=args.seed, clip_skip=args.clip_skip, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    elapsed = time.perf_counter() - start
+    _save_images(args, prompts, images, time.perf_counter() - start)
+    return 0
+
+
+def _generate_glide(args, prompts, device, dtype) -> int:
+    from PIL import Image
+
+    from .pipelines import Pipeline
+
+    if not args.glide_tokenizer:
+        print("error: GLIDE needs --glide-tokenizer, the folder with encoder.json and vocab.bpe", file=sys.stderr)
+        return 2
+    try:
+        options = [_read_json(path) if path else None for path in (args.glide_options, args.glide_upsampler_options)]
+        pipe = Pipeline.from_glide(args.glide, args.glide_upsampler, tokenizer=args.glide_tokenizer,
+                                   inpaint=args.glide_inpaint, clip=args.glide_clip, options=options[0],
+                                   upsampler_options=options[1], device=device, dtype=dtype)
+        image = Image.open(args.image) if args.image else None
+        mask = Image.open(args.mask) if args.mask else None
+        start = time.perf_counter()
+        images = pipe.generate(prompts, guidance_scale=3.0 if args.guidance is None else args.guidance,
+                               num_inference_steps=args.respacing or (str(args.steps) if args.steps else "100"),
+                               upsample_steps=args.upsample_respacing, sampler=args.sampler or "ddpm", eta=args.eta,
+                               num_images_per_prompt=args.images_per_prompt, seed=args.seed, image=image, mask=mask,
+                               clip_guidance_scale=args.clip_guidance, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _save_images(args, prompts, images, time.perf_counter() - start)
+    return 0
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of GLIDE options")
+    return data
+
+
+def _save_images(args, prompts, images, elapsed: float) -> None:
+    import os
+
     names = [f"{i:03d}-{_slug(prompts[i // args.images_per_prompt])}.png" for i in range(len(images))]
     if len(images) == 1 and args.output.lower().endswith(".png"):
         paths = [args.output]
@@ -116,7 +170,6 @@ def _cmd_generate(args) -> int:
             os.makedirs(parent, exist_ok=True)
         image.save(path)
     print(f"wrote {len(paths)} image(s) in {elapsed:.1f} s: {', '.join(paths)}")
-    return 0
 
 
 def _write_png(path: str, rgb) -> None:
@@ -144,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show which implementation (C++, CUDA C++, Triton, reference) runs each op")
     info.set_defaults(func=_cmd_info)
     gen = sub.add_parser(
-        "generate", help="generate images from text with a Stable Diffusion model on disk",
-        description="Generates images with a Stable Diffusion 1.x/2.x model: a diffusers folder, or an original "
-                    "single-file checkpoint (.safetensors/.ckpt). Nothing is downloaded.")
+        "generate", help="generate images from text (built-in model, Stable Diffusion, or GLIDE checkpoints)",
+        description="Generates images with the small model built into fastdiff (no --model), a Stable Diffusion "
+                    "1.x/2.x model (a diffusers folder, or an original single-file .safetensors/.ckpt), or "
+                    "OpenAI's GLIDE checkpoints (--glide base.pt --glide-tokenizer DIR [--glide-upsampler "
+                    "upsample.pt]). Nothing is downloaded.")
     gen.add_argument("prompt", nargs="*", help="one or more prompts")
     gen.add_argument("--prompts-file", help="a text file with one prompt per line (# starts a comment)")
     gen.add_argument("--model", help="diffusers model folder, or a single-file checkpoint "
@@ -156,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.png",
                      help="PNG path for one image, else a folder for several (default: %(default)s)")
     gen.add_argument("--negative", help="negative prompt, used for every prompt")
-    gen.add_argument("--steps", type=int, default=30, help="sampling steps (default: %(default)s)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 turns it off "
-                     "(default: %(default)s)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: 30; GLIDE: 100)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 turns it off "
+                     "(default: 7.5; GLIDE: 3)")
     gen.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] "
                      "(default: %(default)s)")
     gen.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (default: the model's scheduler config)")
@@ -173,6 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights' dtype "
                      "(default: %(default)s; fp16 needs CUDA)")
     gen.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
+    glide = gen.add_argument_group("GLIDE (openai/glide-text2im checkpoints)")
+    glide.add_argument("--glide", metavar="BASE_PT", help="GLIDE base checkpoint (base.pt, or base_inpaint.pt "
+                       "with --glide-inpaint); 64x64 images, 256x256 with --glide-upsampler")
+    glide.add_argument("--glide-upsampler", metavar="UPSAMPLE_PT", help="GLIDE upsampler checkpoint (upsample.pt)")
+    glide.add_argument("--glide-tokenizer", metavar="DIR", help="folder with GLIDE's encoder.json and vocab.bpe "
+                       "(.gz accepted)")
+    glide.add_argument("--glide-options", metavar="JSON", help="GLIDE options of the base model as a JSON object "
+                       "(glide-text2im's option names; missing keys take its defaults)")
+    glide.add_argument("--glide-upsampler-options", metavar="JSON", help="GLIDE options of the upsampler "
+                       "(defaults: glide-text2im's upsampler defaults)")
+    glide.add_argument("--glide-inpaint", action="store_true", help="the checkpoints are the inpainting ones; "
+                       "needs --image and --mask")
+    glide.add_argument("--glide-clip", metavar="DIR", help="folder with clip_image_enc.pt, clip_text_enc.pt and "
+                       "bpe_simple_vocab_16e6.txt.gz, for --clip-guidance")
+    glide.add_argument("--clip-guidance", type=float, help="CLIP guidance scale (GLIDE's notebook uses 3 "
+                       "with --guidance 1)")
+    glide.add_argument("--respacing", help="GLIDE timestep respacing for the base model: '100', 'ddim50', "
+                       "'fast27' or sections like '10,10,3,2,2' (default: 100)")
+    glide.add_argument("--upsample-respacing", default="fast27", help="respacing of the upsampler "
+                       "(default: %(default)s)")
+    glide.add_argument("--image", help="inpainting: the image to complete (PNG/JPEG)")
+    glide.add_argument("--mask", help="inpainting: a greyscale mask, white = keep the image, black = generate")
     gen.set_defaults(func=_cmd_generate)
     from .eval.cli import add_eval_parser
     from .train.cli import add_train_parser
@@ -203,7 +280,8 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if getattr(args, "steps", 1) < 1:
+    steps = getattr(args, "steps", None)
+    if steps is not None and steps < 1:
         parser.error("--steps must be positive")
     return args.func(args)
 

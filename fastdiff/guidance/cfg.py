@@ -6,6 +6,7 @@ two halves of its output are handed to the sampler as views, and the combine
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -25,9 +26,12 @@ def as_model_output(out: Union[Tensor, ModelOutput]) -> ModelOutput:
 
 
 def _cat_conditioning(first: Any, second: Any) -> Any:
-    """Batch two conditionings (tensors, or dicts/tuples of tensors) along dim 0."""
+    """Batch two conditionings (tensors, or dicts/tuples/dataclasses of them) along dim 0."""
     if isinstance(first, Tensor):
         return torch.cat([first, second])
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: _cat_conditioning(getattr(first, f.name), getattr(second, f.name))
+                                             for f in dataclasses.fields(first)})
     if isinstance(first, dict):
         return {k: _cat_conditioning(first[k], second[k]) for k in first}
     if isinstance(first, (tuple, list)):

@@ -5,7 +5,7 @@ Every failure names the file: missing, truncated, corrupt, or not a tensor mappi
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -60,3 +60,18 @@ def find_weights(folder: str | os.PathLike, stems: Iterable[str] = ("diffusion_p
             if os.path.isfile(os.path.join(folder, name)):
                 return os.path.join(folder, name)
     raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(names)}")
+
+
+def state_dict_problems(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], shown: int = 5) -> List[str]:
+    """The ways `found` does not fit `expected`: the first few missing keys, unexpected keys and
+    shape mismatches, each kind as one sentence; empty when it fits."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} (file {tuple(found[k].shape)}, model {tuple(expected[k].shape)})"
+              for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            problems.append(f"{len(items)} {title}: {', '.join(items[:shown])}{more}")
+    return problems

@@ -25,6 +25,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
         raise ValueError(f"attention shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if _library.get_backend() == "reference":
         return reference.attention(q, k, v, key_padding_mask, scale)
+    # SDPA's fused CPU kernel needs unit stride in the head dimension; with views such as
+    # GLIDE's per-head [q | k | v] channel layout it falls back to the (2-3x slower) math path.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask = None
     if key_padding_mask is not None:
         if key_padding_mask.shape != (q.shape[0], k.shape[2]):

@@ -87,3 +87,13 @@ class Pipeline(metaclass=_PipelineFactory):
             return StableDiffusionPipeline.from_pretrained(path, device=device, dtype=dtype)
         raise ValueError(f"{path}: pipeline class {name!r} is not supported; fastdiff reads "
                          f"{', '.join(StableDiffusionPipeline.CLASS_NAMES)} folders")
+
+    @classmethod
+    def from_glide(cls, base, upsampler=None, *, tokenizer, inpaint: bool = False, clip=None, options=None,
+                   upsampler_options=None, device=None, dtype=None) -> "Pipeline":
+        """GLIDE from glide-text2im checkpoints (see GlidePipeline.from_glide)."""
+        from .glide import GlidePipeline
+
+        return GlidePipeline.from_glide(base, upsampler, tokenizer=tokenizer, inpaint=inpaint, clip=clip,
+                                        options=options, upsampler_options=upsampler_options, device=device,
+                                        dtype=dtype)

@@ -10,6 +10,9 @@ returns the final sample. All of them share the conventions:
   noise       optional callable ``noise(step_index, like) -> Tensor`` replacing the draws
   callback    ``callback(StepInfo)`` after every model call
   progress    a tqdm bar over the model calls; False turns it off
+  cond_fn     classifier guidance ``cond_fn(x, t) -> grad of log p(y | x)`` (plans that
+              declare how: "mean" shifts the step's mean by its variance times the
+              gradient, "score" shifts eps by -sqrt(1 - alpha_bar) times it)
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class StepInfo:
     t: Tensor          # the timestep the model saw (device tensor; no sync unless you read it)
     x: Tensor          # the sample after the step (model input space)
     x0: Tensor         # the step's prediction of the clean sample
+    stage: str = ""    # which model of a multi-stage pipeline (e.g. GLIDE's "base", "upsampler")
 
 
 def _randn(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -58,11 +62,16 @@ def _last_uses(steps) -> dict:
 def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional[torch.Generator] = None,
              noise: Optional[Callable[[int, Tensor], Tensor]] = None,
              callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = True,
-             x_is_noise: bool = True) -> Tensor:
+             x_is_noise: bool = True, cond_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+             denoised_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
     """Execute a plan: one model call and one fused guided_step per step, no host syncs.
 
     x is unit starting noise (scaled by the plan's init_scale), or with x_is_noise=False
-    an already noised sample in the model's input space (img2img).
+    an already noised sample in the model's input space (img2img). cond_fn adds
+    classifier guidance (module docstring); the gradient is taken at the step's input.
+    denoised_fn(x0, t) -> x0 edits each step's x0 prediction before it is clipped and
+    used (e.g. inpainting pastes the known pixels in); the step then runs as two op
+    calls, x0 first, and the edited x0 enters the update as a history operand.
     """
     if not plan.steps:
         raise ValueError("nothing to sample: the plan has no steps")
@@ -83,6 +92,29 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
         x0_table[:, C.OUT_X0] = 1.0
         x0_rows = torch.tensor(x0_table, dtype=torch.float32, device=device)
 
+    guidance = plan.extra.get("guidance") if cond_fn is not None else None
+    if cond_fn is not None and guidance not in ("mean", "score"):
+        raise ValueError(f"classifier guidance (cond_fn) is supported by the respaced ddpm and ddim samplers, "
+                         f"not by {plan.name or 'this plan'}")
+    grad_coeffs = None
+    if guidance == "score":
+        grad_coeffs = torch.tensor(plan.extra["grad_coeffs"], dtype=torch.float32, device=device)
+
+    paste_rows = x0_only_rows = None
+    if denoised_fn is not None:
+        if any(s.history or s.row[C.OUT_P] != 0.0 for s in plan.steps):
+            raise ValueError(f"denoised_fn needs a sampler whose update reads the model output only through "
+                             f"x0 (the respaced ddpm and ddim do); {plan.name or 'this plan'} does not")
+        x0_only = np.zeros((len(plan.steps), C.NUM_FIXED))
+        x0_only[:, [C.X0_X, C.X0_P]] = table[:, [C.X0_X, C.X0_P]]
+        x0_only[:, C.DEN_X0] = 1.0
+        x0_only_rows = torch.tensor(x0_only, dtype=torch.float32, device=device)
+        paste = np.zeros((len(plan.steps), C.NUM_FIXED + 1))
+        paste[:, : C.NUM_FIXED] = table[:, : C.NUM_FIXED]
+        paste[:, C.OUT_X0] = 0.0
+        paste[:, C.NUM_FIXED] = table[:, C.OUT_X0]  # the edited x0, as history operand 0
+        paste_rows = torch.tensor(paste, dtype=torch.float32, device=device)
+
     if x_is_noise and plan.init_scale != 1.0:
         x = x * plan.init_scale
     store = {}
@@ -98,12 +130,25 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
             if step.noise:
                 z = noise(i, x) if noise is not None else _randn(x, generator)
             want_x0 = callback is not None and plan.denoised_is_x0
-            x_next, den = guided_step(
-                x, out.cond, out.uncond, out.scale,
-                coeffs=rows[i : i + 1, : len(step.row)], noise=z,
-                history=[store[ref] for ref in step.history],
-                clip_range=plan.clip_range, learned_variance=plan.learned_variance,
-                write_denoised=step.write_denoised or want_x0)
+            if denoised_fn is None:
+                x_next, den = guided_step(
+                    x, out.cond, out.uncond, out.scale,
+                    coeffs=rows[i : i + 1, : len(step.row)], noise=z,
+                    history=[store[ref] for ref in step.history],
+                    clip_range=plan.clip_range, learned_variance=plan.learned_variance,
+                    write_denoised=step.write_denoised or want_x0)
+            else:
+                _, den = guided_step(x, out.cond, out.uncond, out.scale, coeffs=x0_only_rows[i : i + 1],
+                                     write_denoised=True)
+                den = denoised_fn(den, ts[i])
+                if plan.clip_range is not None:
+                    den = den.clamp(-plan.clip_range, plan.clip_range)
+                x_next, _ = guided_step(x, out.cond, out.uncond, out.scale, coeffs=paste_rows[i : i + 1], noise=z,
+                                        history=[den], learned_variance=plan.learned_variance)
+            if guidance is not None:
+                x_next = x_next + _guidance_shift(cond_fn(x, ts[i]), guidance, out, x, rows[i],
+                                                  None if grad_coeffs is None else grad_coeffs[i],
+                                                  plan.learned_variance)
             if ("x", i) in last_use:
                 store[("x", i)] = x
             if ("den", i) in last_use:
@@ -122,6 +167,22 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
         if bar is not None:
             bar.close()
     return x
+
+
+def _guidance_shift(grad: Tensor, mode: str, out: ModelOutput, x: Tensor, row: Tensor,
+                    grad_coeff: Optional[Tensor], learned_variance: bool) -> Tensor:
+    """What classifier guidance adds to a step's output (see the module docstring)."""
+    if grad.shape != x.shape:
+        raise ValueError(f"cond_fn returned a gradient of shape {tuple(grad.shape)} for x of {tuple(x.shape)}")
+    grad = grad.float()
+    if mode == "score":
+        shift = grad_coeff * grad
+    elif learned_variance:  # the variance the step's noise used: exp of the interpolated log variance
+        frac = 0.5 * (out.cond[:, x.shape[1]:].float() + 1.0)
+        shift = torch.exp(frac * row[C.LOGVAR_MAX] + (1.0 - frac) * row[C.LOGVAR_MIN]) * grad
+    else:
+        shift = row[C.OUT_NOISE] ** 2 * grad
+    return shift.to(x.dtype)
 
 
 def _config(config: Optional[Union[SchedulerConfig, dict, str]]) -> SchedulerConfig:

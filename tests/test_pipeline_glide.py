@@ -1,0 +1,516 @@
+"""GLIDE: fastdiff's models, samplers and pipeline against a restatement of glide-text2im.
+
+The oracle is tests/glide_reference.py (GLIDE's forward pass and diffusion equations
+restated from its source, functional and independent of fastdiff's modules). The
+checkpoints are random, in GLIDE's key layout, saved with torch.save as the released
+ones are; the tokenizer is GPT-2-format encoder.json + vocab.bpe.
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import glide_reference as R
+from glide_fixtures import TEXT_CTX, tiny_options, write_checkpoint, write_glide_tokenizer
+
+from fastdiff.loaders.files import CheckpointError
+from fastdiff.loaders.glide import load_glide_model
+from fastdiff.ops import coeffs as C
+from fastdiff.ops.guided_step import guided_step
+from fastdiff.pipelines import GlidePipeline, Pipeline
+from fastdiff.sampling.respaced import RespacedSchedule, respaced_ddim_plan, respaced_ddpm_plan
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def glide(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glide")
+    n_vocab = write_glide_tokenizer(str(root / "tokenizer"))
+    variants = {
+        "base": tiny_options(), "upsample": tiny_options(upsampler=True),
+        "base_inpaint": tiny_options(inpaint=True), "upsample_inpaint": tiny_options(upsampler=True, inpaint=True),
+    }
+    states = {}
+    for seed, (name, options) in enumerate(variants.items()):
+        states[name] = write_checkpoint(str(root / f"{name}.pt"), options, n_vocab, seed=seed)
+    return types.SimpleNamespace(root=root, n_vocab=n_vocab, options=variants, states=states,
+                                 tokenizer=str(root / "tokenizer"), path=lambda name: str(root / f"{name}.pt"))
+
+
+def _tokens(pipe, model, prompts, guided):
+    """The notebooks' token batch: [cond; uncond] when guided."""
+    tokens, mask = pipe.tokenizer(prompts, model.text_ctx)
+    if guided:
+        empty, empty_mask = pipe.tokenizer.padded_tokens_and_mask([], model.text_ctx)
+        tokens = torch.cat([tokens, torch.tensor([empty] * len(prompts))])
+        mask = torch.cat([mask, torch.tensor([empty_mask] * len(prompts), dtype=torch.bool)])
+    return tokens, mask
+
+
+# --------------------------------------------------------------------------- models
+
+@pytest.mark.parametrize("variant", ["base", "upsample", "base_inpaint", "upsample_inpaint"])
+def test_model_matches_glide_forward(glide, variant):
+    options = glide.options[variant]
+    model = load_glide_model(glide.path(variant), options)
+    state = glide.states[variant]
+    assert set(model.state_dict()) == set(state)  # every key of the checkpoint used, none invented
+    g = torch.Generator().manual_seed(1)
+    size = options["image_size"]
+    x = torch.randn(2, 3, size, size, generator=g)
+    t = torch.tensor([0, 731])
+    tokens = torch.randint(0, glide.n_vocab, (2, TEXT_CTX), generator=g)
+    mask = torch.arange(TEXT_CTX)[None] < torch.tensor([[3], [TEXT_CTX]])
+    extra = {}
+    if options["super_res"]:
+        extra["low_res"] = torch.rand(2, 3, size // 4, size // 4, generator=g) * 2 - 1
+    if options["inpaint"]:
+        extra["inpaint_image"] = torch.rand(2, 3, size, size, generator=g) * 2 - 1
+        extra["inpaint_mask"] = (torch.rand(2, 1, size, size, generator=g) > 0.5).float()
+    with torch.no_grad():
+        ours = model(x, t, tokens=tokens, mask=mask, **extra)
+        ref = R.reference_forward(state, options, x, t, tokens, mask, **extra)
+    assert ours.shape == (2, 6, size, size)  # eps and the variance channels
+    assert (ours - ref).abs().max() <= TOL * max(1.0, ref.abs().max().item())
+    # precomputed text conditioning (what the pipeline uses) gives the same output
+    with torch.no_grad():
+        cached = model(x, t, model.encode_text(tokens, mask), **extra)
+    assert torch.equal(cached, ours)
+
+
+def test_model_options_unchanged_from_glide(glide):
+    """A glide options dict (every key, e.g. use_fp16 and timestep_respacing) is accepted as is."""
+    options = dict(glide.options["base"], timestep_respacing="fast27", use_fp16=True, cache_text_emb=True)
+    load_glide_model(glide.path("base"), options)
+    with pytest.raises(ValueError, match="unknown GLIDE option"):
+        load_glide_model(glide.path("base"), dict(options, num_chanels=32))
+
+
+# --------------------------------------------------------------------------- steps
+
+SCHEDULES = [("squaredcos_cap_v2", "100"), ("linear", "fast27"), ("squaredcos_cap_v2", "ddim25"),
+             ("linear", "10,10,3,2,2"), ("squaredcos_cap_v2", "fast27")]
+
+
+def _step_inputs(seed, shape=(2, 3, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 1.5
+    out = torch.cat([torch.randn(shape, generator=g), torch.rand(shape, generator=g) * 2 - 1], dim=1)
+    return x, out, torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("schedule,respacing", SCHEDULES)
+def test_ddpm_steps_match_p_mean_variance(schedule, respacing):
+    sched = RespacedSchedule.named(schedule, 1000, respacing)
+    ref = R.SpacedDiffusionRef(R.named_betas(schedule, 1000), R.space_timesteps(1000, respacing))
+    assert sched.timesteps == ref.timestep_map
+    plan = respaced_ddpm_plan(sched)
+    n = len(plan.steps)
+    for k, step in enumerate(plan.steps):
+        index = n - 1 - k
+        t_index = torch.full((2,), index)
+        assert step.t == ref.timestep_map[index]
+        x, out, z = _step_inputs(k)
+        row = torch.tensor(step.row, dtype=torch.float32)[None]
+        mean, _ = guided_step(x, out, coeffs=row, clip_range=1.0, learned_variance=True)
+        sample, _ = guided_step(x, out, coeffs=row, noise=z, clip_range=1.0, learned_variance=True)
+        expect = ref.p_mean_variance(out, x, t_index)
+        assert (mean - expect["mean"]).abs().max() <= TOL
+        if index > 0:  # the op's noise scale is exp(0.5 * log variance)
+            expect_sample = ref.p_sample(out, x, t_index, z)["sample"]
+            assert (sample - expect_sample).abs().max() <= TOL
+            unit, _ = guided_step(x, out, coeffs=row, noise=torch.ones_like(z), clip_range=1.0, learned_variance=True)
+            logvar = 2 * torch.log(unit - mean)  # the op's noise scale, read back
+            assert (logvar - expect["log_variance"]).abs().max() <= 1e-4
+        frac = (out[:, 3:] + 1) / 2
+        ours_logvar = frac * step.row[C.LOGVAR_MAX] + (1 - frac) * step.row[C.LOGVAR_MIN]
+        assert (ours_logvar - expect["log_variance"]).abs().max() <= TOL
+
+
+def _ddim_float64(ref, out, x, index, eta, z):
+    """glide's ddim_sample equations evaluated in float64 (its own arrays are float64; its
+    tensor arithmetic is float32, which loses ~3e-4 at the last steps, where eps is
+    re-derived from x0 by dividing by sqrt(1 / alpha_bar - 1) ~ 0.03)."""
+    x, eps = x.double(), out[:, :3].double()
+    x0 = (np.sqrt(1 / ref.alphas_cumprod[index]) * x - ref.sqrt_recipm1_alphas_cumprod[index] * eps).clamp(-1, 1)
+    eps = (ref.sqrt_recip_alphas_cumprod[index] * x - x0) / ref.sqrt_recipm1_alphas_cumprod[index]
+    a, ap = ref.alphas_cumprod[index], ref.alphas_cumprod_prev[index]
+    sigma = eta * np.sqrt((1 - ap) / (1 - a)) * np.sqrt(1 - a / ap)
+    mean = x0 * np.sqrt(ap) + np.sqrt(1 - ap - sigma**2) * eps
+    return mean + (sigma * z.double() if index > 0 else 0.0)
+
+
+@pytest.mark.parametrize("schedule,respacing", SCHEDULES)
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_steps_match(schedule, respacing, eta):
+    sched = RespacedSchedule.named(schedule, 1000, respacing)
+    ref = R.SpacedDiffusionRef(R.named_betas(schedule, 1000), R.space_timesteps(1000, respacing))
+    plan = respaced_ddim_plan(sched, eta)
+    n = len(plan.steps)
+    for k, step in enumerate(plan.steps):
+        index = n - 1 - k
+        x, out, z = _step_inputs(100 + k)
+        row = torch.tensor(step.row, dtype=torch.float32)[None]
+        ours, _ = guided_step(x, out, coeffs=row, noise=z if step.noise else None, clip_range=1.0)
+        exact = _ddim_float64(ref, out, x, index, eta, z)
+        assert (ours.double() - exact).abs().max() <= TOL
+        glide_fp32 = ref.ddim_sample(out, x, torch.full((2,), index), z, eta)["sample"]
+        assert (glide_fp32.double() - exact).abs().max() <= (TOL if index > 3 else 1e-3)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+def _glide_draws(seed, n, drawn, shape, steps):
+    """The notebooks' draws: x_T then one per step, each over `drawn` samples, first n kept."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.randn((drawn,) + shape, generator=g)[:n] for _ in range(steps + 1)]
+    return g, draws
+
+
+def _reference_base(glide, pipe, variant, prompts, scale, respacing, seed, sampler="ddpm", cond_fn=None,
+                    inpaint=None):
+    options = dict(glide.options[variant], timestep_respacing=respacing)
+    diffusion = R.diffusion_from_options(options)
+    state, n, size = glide.states[variant], len(prompts), options["image_size"]
+    guided = scale != 1.0
+    tokens, mask = _tokens(pipe, pipe.base, prompts, guided)
+    extra = {}
+    if inpaint is not None:
+        image, keep = inpaint
+        reps = 2 if guided else 1
+        extra = dict(inpaint_image=(image * keep).repeat(reps, 1, 1, 1), inpaint_mask=keep.repeat(reps, 1, 1, 1))
+
+    def model(x, t):
+        return R.reference_forward(state, options, x, t, tokens, mask, **extra)
+
+    model_fn = R.cfg_model_fn(model, scale) if guided else model
+    drawn = 2 * n if guided else n
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.randn((drawn, 3, size, size), generator=g) for _ in range(diffusion.num_timesteps + 1)]
+    denoised_fn = R.inpaint_denoised_fn(extra["inpaint_image"], extra["inpaint_mask"]) if extra else None
+    out = R.reference_sample(model_fn, (drawn, 3, size, size), diffusion, draws, sampler=sampler,
+                             denoised_fn=denoised_fn, cond_fn=cond_fn)
+    return out[:n], g
+
+
+def _reference_upsample(glide, pipe, variant, prompts, low, respacing, g, sampler="ddim", inpaint=None, temp=0.997):
+    options = dict(glide.options[variant], timestep_respacing=respacing)
+    diffusion = R.diffusion_from_options(options)
+    state, n, size = glide.states[variant], len(prompts), options["image_size"]
+    tokens, mask = _tokens(pipe, pipe.upsampler, prompts, False)
+    extra = dict(low_res=R.quantize_low_res(low))
+    if inpaint is not None:
+        extra.update(inpaint_image=inpaint[0] * inpaint[1], inpaint_mask=inpaint[1])
+    x_T = torch.randn((n, 3, size, size), generator=g) * temp
+    draws = [torch.randn((n, 3, size, size), generator=g) for _ in range(diffusion.num_timesteps)]
+    denoised_fn = R.inpaint_denoised_fn(extra["inpaint_image"], extra["inpaint_mask"]) if inpaint is not None else None
+    return R.reference_sample(lambda x, t: R.reference_forward(state, options, x, t, tokens, mask, **extra),
+                              (n, 3, size, size), diffusion, draws, sampler=sampler, x_T=x_T, denoised_fn=denoised_fn)
+
+
+@pytest.fixture(scope="module")
+def pipe(glide):
+    return Pipeline.from_glide(glide.path("base"), glide.path("upsample"), tokenizer=glide.tokenizer,
+                               options=glide.options["base"], upsampler_options=glide.options["upsample"])
+
+
+def _base_capture():
+    """A callback keeping the base stage's final sample exactly (in [-1, 1])."""
+    seen = {}
+
+    def callback(info):
+        if info.stage == "base":
+            seen["x"] = info.x
+    return seen, callback
+
+
+@pytest.mark.parametrize("sampler,scale", [("ddpm", 3.0), ("ddim", 3.0), ("ddpm", 1.0)])
+def test_pipeline_matches_glide_notebook(glide, pipe, sampler, scale):
+    """Same seed -> the notebook's draws -> the same base samples and upsampled images.
+
+    The upsampler is compared from fastdiff's own base samples: both sides round them to
+    8 bits first, and a 1e-6 difference can flip a rounding, which no tolerance covers."""
+    prompts = ["a corgi in a field", "a red circle above a blue square"]
+    seen, callback = _base_capture()
+    images = pipe.generate(prompts, guidance_scale=scale, num_inference_steps="10", upsample_steps="fast27",
+                           sampler=sampler, seed=7, output_type="pt", progress=False, callback=callback)
+    base, g = _reference_base(glide, pipe, "base", prompts, scale, "10", seed=7, sampler=sampler)
+    assert (seen["x"] - base).abs().max() <= 1e-4
+    up = _reference_upsample(glide, pipe, "upsample", prompts, seen["x"], "fast27", g)
+    assert images.shape == (2, 3, 32, 32)
+    assert (images - ((up + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    low_only = pipe.generate(prompts, guidance_scale=scale, num_inference_steps="10", sampler=sampler, seed=7,
+                             upsample=False, output_type="pt", progress=False)
+    assert torch.equal(low_only, ((seen["x"] + 1) / 2).clamp(0, 1))
+
+
+def test_base_and_upsampler_64_to_256(tmp_path, glide):
+    """Real sizes (tiny widths): 64 px base with CFG 3.0, then 256 px, equal to the reference."""
+    base_opts, up_opts = tiny_options(small=False), tiny_options(upsampler=True, small=False)
+    state_base = write_checkpoint(str(tmp_path / "base.pt"), base_opts, glide.n_vocab, seed=11)
+    state_up = write_checkpoint(str(tmp_path / "upsample.pt"), up_opts, glide.n_vocab, seed=12)
+    pipe = Pipeline.from_glide(str(tmp_path / "base.pt"), str(tmp_path / "upsample.pt"), tokenizer=glide.tokenizer,
+                               options=base_opts, upsampler_options=up_opts)
+    calls, (seen, keep_base) = [], _base_capture()
+
+    def callback(info):
+        calls.append((info.stage, info.index))
+        keep_base(info)
+
+    images = pipe.generate("an oil painting of a corgi", guidance_scale=3.0, num_inference_steps="6",
+                           upsample_steps="4", seed=3, output_type="pt", progress=False, callback=callback)
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+    assert calls == [("base", i) for i in range(6)] + [("upsampler", i) for i in range(4)]
+    local = types.SimpleNamespace(options={"base": base_opts, "upsample": up_opts},
+                                  states={"base": state_base, "upsample": state_up})
+    base, g = _reference_base(local, pipe, "base", ["an oil painting of a corgi"], 3.0, "6", seed=3)
+    assert (seen["x"] - base).abs().max() <= 1e-4
+    up = _reference_upsample(local, pipe, "upsample", ["an oil painting of a corgi"], seen["x"], "4", g)
+    assert (images - ((up + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    pils = pipe.generate("a corgi", num_inference_steps="2", upsample_steps="2", seed=0, progress=False)
+    assert pils[0].size == (256, 256)
+
+
+def test_other_engine_samplers_run(pipe):
+    for sampler in ("euler", "dpmpp_2m", "heun"):
+        images = pipe.generate("a corgi", sampler=sampler, num_inference_steps=4, upsample=False, seed=0,
+                               output_type="np", progress=False)
+        assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    with pytest.raises(ValueError, match="respacing"):
+        pipe.generate("a corgi", sampler="euler", num_inference_steps="fast27", upsample=False, progress=False)
+
+
+def test_seeds_reproduce_and_differ(pipe):
+    a = pipe.generate("a corgi", num_inference_steps="4", upsample=False, seed=1, output_type="pt", progress=False)
+    b = pipe.generate("a corgi", num_inference_steps="4", upsample=False, seed=1, output_type="pt", progress=False)
+    c = pipe.generate("a corgi", num_inference_steps="4", upsample=False, seed=2, output_type="pt", progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- classifier guidance
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_cond_fn_matches_glide_condition_mean_and_score(glide, pipe, sampler):
+    """A user's classifier gradient: GLIDE adds variance * grad to the DDPM mean and goes
+    through the score for DDIM; the hook sees original timesteps."""
+    seen_t = []
+
+    def cond_fn(x, t):
+        seen_t.append(int(t.reshape(-1)[0]))
+        return -0.3 * x + 0.05 * (t.float().reshape(-1, 1, 1, 1) / 1000)
+
+    images = pipe.generate("a corgi", guidance_scale=1.0, num_inference_steps="8", sampler=sampler, seed=5,
+                           upsample=False, cond_fn=cond_fn, output_type="pt", progress=False)
+    ours_t, seen_t[:] = list(seen_t), []
+    base, _ = _reference_base(glide, pipe, "base", ["a corgi"], 1.0, "8", seed=5, sampler=sampler, cond_fn=cond_fn)
+    assert ours_t == seen_t and ours_t[0] == R.SpacedDiffusionRef(
+        R.named_betas("squaredcos_cap_v2", 1000), R.space_timesteps(1000, "8")).timestep_map[-1]
+    assert (images - ((base + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+    plain = pipe.generate("a corgi", guidance_scale=1.0, num_inference_steps="8", sampler=sampler, seed=5,
+                          upsample=False, output_type="pt", progress=False)
+    assert not torch.allclose(plain, images)
+
+
+def test_cond_fn_rejected_by_samplers_without_a_rule(pipe):
+    with pytest.raises(ValueError, match="ddpm or ddim"):
+        pipe.generate("a corgi", sampler="euler", num_inference_steps=3, upsample=False,
+                      cond_fn=lambda x, t: x, progress=False)
+
+
+# --------------------------------------------------------------------------- inpainting
+
+@pytest.fixture(scope="module")
+def inpaint_pipe(glide):
+    return Pipeline.from_glide(glide.path("base_inpaint"), glide.path("upsample_inpaint"), tokenizer=glide.tokenizer,
+                               inpaint=True, options=glide.options["base_inpaint"],
+                               upsampler_options=glide.options["upsample_inpaint"])
+
+
+def _source(size=32):
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 3, size, size, generator=g)
+    keep = torch.ones(16, 16)
+    keep[:, 9:] = 0  # generate the right part
+    return image, keep
+
+
+def test_inpainting_keeps_known_pixels_exactly(inpaint_pipe):
+    image, keep = _source()
+    out = inpaint_pipe.generate("a corgi", image=image, mask=keep, guidance_scale=5.0, num_inference_steps="6",
+                                upsample_steps="5", seed=0, output_type="pt", progress=False)
+    keep_up = torch.nn.functional.interpolate(keep[None, None], (32, 32), mode="nearest").bool().expand_as(out)
+    # the kept region is the source image exactly, as [0, 1] floats
+    assert torch.equal(out[keep_up], image.expand_as(out)[keep_up])
+    assert not torch.allclose(out[~keep_up], image.expand_as(out)[~keep_up])
+    low = inpaint_pipe.generate("a corgi", image=image, mask=keep, guidance_scale=5.0, num_inference_steps="6",
+                                upsample=False, seed=0, output_type="pt", progress=False)
+    image16 = torch.nn.functional.interpolate(image, (16, 16), mode="bicubic", align_corners=False,
+                                              antialias=True).clamp(0, 1)
+    kept = keep.bool().expand_as(low)
+    assert torch.allclose(low[kept], image16.expand_as(low)[kept], atol=1e-6)
+
+
+def test_inpainting_matches_glide_denoised_fn(glide, inpaint_pipe):
+    image, keep = _source()
+    seen, callback = _base_capture()
+    ours = inpaint_pipe.generate("a corgi", image=image, mask=keep, guidance_scale=5.0, num_inference_steps="6",
+                                 upsample_steps="5", seed=9, output_type="pt", progress=False, callback=callback)
+    image16 = torch.nn.functional.interpolate(image, (16, 16), mode="bicubic", align_corners=False,
+                                              antialias=True).clamp(0, 1) * 2 - 1
+    keep16 = keep[None, None]
+    base, g = _reference_base(glide, inpaint_pipe, "base_inpaint", ["a corgi"], 5.0, "6", seed=9,
+                              inpaint=(image16, keep16))
+    base_pasted = seen["x"]
+    assert (base_pasted - base).abs().max() <= 1e-4
+    keep32 = torch.nn.functional.interpolate(keep16, (32, 32), mode="nearest")
+    up = _reference_upsample(glide, inpaint_pipe, "upsample_inpaint", ["a corgi"], base_pasted, "5", g,
+                             sampler="ddpm", inpaint=(image * 2 - 1, keep32))
+    assert (ours - ((up + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+
+
+def test_inpainting_input_errors(inpaint_pipe, pipe):
+    image, keep = _source()
+    with pytest.raises(ValueError, match="mask is 7x7"):
+        inpaint_pipe.generate("a corgi", image=image, mask=torch.ones(7, 7), progress=False)
+    with pytest.raises(ValueError, match="one channel"):
+        inpaint_pipe.generate("a corgi", image=image, mask=torch.ones(1, 2, 16, 16), progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        inpaint_pipe.generate("a corgi", image=image, mask=keep * 2, progress=False)
+    with pytest.raises(ValueError, match="3, H, W"):
+        inpaint_pipe.generate("a corgi", image=torch.rand(1, 4, 32, 32), mask=keep, progress=False)
+    with pytest.raises(ValueError, match="give image= and mask="):
+        inpaint_pipe.generate("a corgi", progress=False)
+    with pytest.raises(ValueError, match="inpainting checkpoints"):
+        pipe.generate("a corgi", image=image, mask=keep, progress=False)
+    with pytest.raises(ValueError, match="2 images for a batch of 3"):
+        inpaint_pipe.generate(["a", "b", "c"], image=torch.rand(2, 3, 32, 32), mask=keep, progress=False)
+
+
+# --------------------------------------------------------------------------- loading errors
+
+def test_checkpoint_not_fitting_options_names_the_mismatches(glide):
+    with pytest.raises(ValueError, match=r"shape mismatch: time_embed\.0\.weight \(file \(128, 32\), model \(256, 64\)\).*input_blocks\.0\.0\.weight \(file \(32, 3, 3, 3\), model \(64, 3, 3, 3\)\)"):
+        load_glide_model(glide.path("base"), dict(glide.options["base"], num_channels=64))
+    with pytest.raises(ValueError, match=r"missing: input_blocks\.2\.1\.norm\.weight"):
+        load_glide_model(glide.path("base"), dict(glide.options["base"], num_res_blocks=2))
+    with pytest.raises(ValueError, match="inpainting base model"):
+        load_glide_model(glide.path("base_inpaint"), glide.options["base"])
+
+
+def test_corrupt_and_missing_files(tmp_path, glide):
+    bad = tmp_path / "base.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="base.pt"):
+        load_glide_model(str(bad), glide.options["base"])
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        load_glide_model(str(tmp_path / "nowhere.pt"), glide.options["base"])
+    state = dict(glide.states["base"])
+    state["out.2.weight"] = state["out.2.weight"].clone().fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="NaN"):
+        load_glide_model(str(tmp_path / "nan.pt"), glide.options["base"])
+    empty = tmp_path / "no_tokenizer"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        Pipeline.from_glide(glide.path("base"), tokenizer=str(empty), options=glide.options["base"])
+
+
+def test_mismatched_pairs_rejected(glide):
+    with pytest.raises(ValueError, match="both be inpainting"):
+        Pipeline.from_glide(glide.path("base"), glide.path("upsample_inpaint"), tokenizer=glide.tokenizer,
+                            options=glide.options["base"], upsampler_options=glide.options["upsample_inpaint"])
+
+
+def test_generate_argument_errors(pipe):
+    with pytest.raises(ValueError, match="empty"):
+        pipe.generate("  ", progress=False)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.generate("a corgi", sampler="plms2", progress=False)
+    with pytest.raises(ValueError, match="invalid respacing"):
+        pipe.generate("a corgi", num_inference_steps="fast", upsample=False, progress=False)
+    with pytest.raises(ValueError, match="noised CLIP"):
+        pipe.generate("a corgi", clip_guidance_scale=3.0, progress=False)
+    with pytest.raises(ValueError, match="latents have shape"):
+        pipe.generate("a corgi", latents=torch.zeros(1, 3, 8, 8), progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.generate("a corgi", latents=torch.full((1, 3, 16, 16), float("nan")), progress=False)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_generate_glide(tmp_path, glide):
+    from fastdiff.cli import main
+
+    import json
+
+    from PIL import Image
+
+    for name in ("base", "upsample"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(glide.options[name]))
+    out = tmp_path / "glide.png"
+    common = ["generate", "a corgi", "--glide", glide.path("base"), "--glide-upsampler", glide.path("upsample"),
+              "--glide-tokenizer", glide.tokenizer, "--respacing", "3", "--upsample-respacing", "2",
+              "-o", str(out), "--no-progress"]
+    # GLIDE's default options do not describe these tiny checkpoints: a clear error, exit code 2
+    assert main(common) == 2
+    assert main(common + ["--glide-options", str(tmp_path / "base.json"),
+                          "--glide-upsampler-options", str(tmp_path / "upsample.json")]) == 0
+    assert Image.open(out).size == (32, 32)
+
+
+def test_cli_glide_needs_tokenizer(glide, capsys):
+    from fastdiff.cli import main
+
+    assert main(["generate", "a corgi", "--glide", glide.path("base"), "--no-progress"]) == 2
+    assert "--glide-tokenizer" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- CLIP guidance
+
+@pytest.fixture(scope="module")
+def clip_pipe(glide, tmp_path_factory):
+    """The tiny base model with a tiny random noised CLIP (glide's file layout) for its 16 px images."""
+    from test_glide_clip import random_state, tiny_config, write_clip_files
+
+    folder = tmp_path_factory.mktemp("clip")
+    n_vocab = write_clip_files(str(folder))
+    config = dict(tiny_config(n_vocab, n_timesteps=1000), image_size=16, patch_size=4)
+    for k, part in enumerate(("text", "image")):
+        torch.save(random_state(config, part, seed=20 + k), folder / f"clip_{part}_enc.pt")
+    with open(folder / "config.json", "w") as fh:
+        import json
+
+        json.dump(config, fh)
+    return Pipeline.from_glide(glide.path("base"), tokenizer=glide.tokenizer, clip=str(folder),
+                               options=glide.options["base"])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clip_guidance_matches_glide_cond_fn(glide, clip_pipe, sampler):
+    prompts = ["a corgi in a field", "an oil painting"]
+    ours = clip_pipe.generate(prompts, guidance_scale=1.0, clip_guidance_scale=3.0, num_inference_steps="8",
+                              sampler=sampler, seed=2, output_type="pt", progress=False)
+    cond_fn = clip_pipe.clip.cond_fn(prompts, 3.0)
+    base, _ = _reference_base(glide, clip_pipe, "base", prompts, 1.0, "8", seed=2, sampler=sampler,
+                              cond_fn=lambda x, t: cond_fn(x, t))
+    assert (ours - ((base + 1) / 2).clamp(0, 1)).abs().max() <= 1e-4
+
+
+def test_clip_guidance_raises_the_clip_score(clip_pipe):
+    """Measured on the random CLIP: guided samples score higher than unguided ones from the same noise."""
+    prompts = ["a corgi in a field"] * 4
+    t0 = torch.zeros(4, dtype=torch.long)
+    gains = []
+    for seed in range(3):
+        kw = dict(guidance_scale=1.0, num_inference_steps="12", seed=seed, output_type="pt", progress=False)
+        plain = clip_pipe.generate(prompts, **kw) * 2 - 1
+        guided = clip_pipe.generate(prompts, clip_guidance_scale=20.0, **kw) * 2 - 1
+        with torch.no_grad():
+            gains.append((clip_pipe.clip.score(guided, t0, prompts) - clip_pipe.clip.score(plain, t0, prompts)).mean())
+    assert torch.stack(gains).mean() > 0
+    assert not torch.allclose(plain, guided)
