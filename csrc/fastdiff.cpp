@@ -32,4 +32,8 @@ TORCH_LIBRARY(fastdiff, m) {
       "guided_step(Tensor x, Tensor cond, Tensor? uncond, Tensor? guidance_scale, "
       "Tensor coeffs, Tensor? noise, Tensor[] history, float? clip_range, "
       "bool learned_variance, bool write_denoised) -> (Tensor, Tensor)");
+  m.def(
+      "discrete_step(Tensor x_t, Tensor cond, Tensor? uncond, Tensor? guidance_scale, "
+      "Tensor coeffs, Tensor? noise, float truncation_rate, bool write_log_probs) "
+      "-> (Tensor, Tensor)");
 }

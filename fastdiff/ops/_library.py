@@ -23,6 +23,11 @@ SCHEMAS = {
         "Tensor coeffs, Tensor? noise, Tensor[] history, float? clip_range, "
         "bool learned_variance, bool write_denoised) -> (Tensor, Tensor)"
     ),
+    "discrete_step": (
+        "discrete_step(Tensor x_t, Tensor cond, Tensor? uncond, Tensor? guidance_scale, "
+        "Tensor coeffs, Tensor? noise, float truncation_rate, bool write_log_probs) "
+        "-> (Tensor, Tensor)"
+    ),
 }
 
 BACKENDS = ("auto", "reference", "triton")
@@ -44,6 +49,14 @@ def _load_extension() -> None:
         _python_library = torch.library.Library("fastdiff", "DEF")
         for schema in SCHEMAS.values():
             _python_library.define(schema)
+    else:
+        # An extension built before an op was added lacks its schema: define the
+        # missing ones here so that op still runs (on its twin) until the next build.
+        missing = [s for name, s in SCHEMAS.items() if not hasattr(torch.ops.fastdiff, name)]
+        if missing:
+            _python_library = torch.library.Library("fastdiff", "FRAGMENT")
+            for schema in missing:
+                _python_library.define(schema)
 
 
 def set_backend(name: str) -> None:

@@ -121,3 +121,132 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optio
     if silu:
         y = torch.nn.functional.silu(y)
     return y.to(x.dtype)
+
+
+# --- discrete_step: VQ-Diffusion's step over codebook tokens --------------------------------
+#
+# Columns of discrete_step's coefficient row (built on the host in float64 by
+# fastdiff.sampling.discrete; the row of timestep t). In VQ-Diffusion (Gu et al. 2022,
+# eq. 7) a token keeps its class with probability a, moves to each of the M = K-1
+# codebook classes with b, and becomes the mask class with c; the *_cum values are the
+# cumulative products 0 -> t. Each entry below is a log-probability of one row of those
+# transition matrices as diffusers' VQDiffusionScheduler builds it from log one-hot
+# vectors (a log(1e-30) floor stands in for log 0, so "other" is log(b + 1e-30 * a)).
+DS_POSTERIOR = 0      # 1: q-posterior p(x_{t-1} | x_t) (t > 0); 0: last step, sample x0 itself
+DS_CUM_SAME = 1       # log q(x_t = i | x_0 = i),  x_t not masked: log(a_cum_t + b_cum_t)
+DS_CUM_OTHER = 2      # log q(x_t = j | x_0 = i), j != i:         log(b_cum_t + 1e-30 a_cum_t)
+DS_CUM_MASK = 3       # log q(x_t = mask | x_0 = i):              log c_cum_t
+DS_PREV_A = 4         # log a_cum_{t-1}
+DS_PREV_B = 5         # log b_cum_{t-1}
+DS_PREV_C = 6         # log c_cum_{t-1}
+DS_STEP_SAME = 7      # log q(x_t = i | x_{t-1} = i):             log(a_t + b_t)
+DS_STEP_OTHER = 8     # log q(x_t = j | x_{t-1} = i), j != i:     log(b_t + 1e-30 a_t)
+DS_STEP_MASK = 9      # log q(x_t = mask | x_{t-1} = i):          log c_t
+DS_STEP_UNMASK = 10   # log q(x_t = j | x_{t-1} = mask), j not mask: log 1e-30 (the one-hot floor)
+DS_NUM_COEFFS = 11
+DS_CLAMP_MIN = -70.0  # the pipeline's clamp after truncation: removes log(0) = -inf
+DS_GUMBEL_EPS = 1e-30  # gumbel = -log(-log(u + eps) + eps), as diffusers' gumbel_noised
+
+
+def truncate_log_probs(log_p: Tensor, truncation_rate: float) -> Tensor:
+    """Keep, per token, the most likely classes until their cumulative probability reaches
+    ``truncation_rate``; the rest become -inf (diffusers' VQDiffusionPipeline.truncate).
+
+    Class i (in descending order of log-probability, ties by class index) is kept when
+    the classes before it sum to less than the rate, the most likely one always. The sum
+    runs in float64 and is compared in float32, as torch's CPU cumsum and ``<`` do.
+
+    A rate of 1 or more keeps every class: diffusers documents 1.0 as "no truncation",
+    but its float32 cumsum of a sharp distribution reaches 1.0 early and drops a tail of
+    classes (each below ~1e-7) chosen by rounding, which no other kernel, nor diffusers
+    on another device, reproduces. That tail is the only difference at 1.0.
+    """
+    if truncation_rate >= 1.0:
+        return log_p
+    sorted_lp, order = torch.sort(log_p, dim=1, descending=True, stable=True)
+    mass = torch.exp(sorted_lp).double().cumsum(dim=1).float()
+    keep_sorted = torch.cat([torch.ones_like(mass[:, :1], dtype=torch.bool),
+                             mass[:, :-1] < truncation_rate], dim=1)
+    keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    return log_p.masked_fill(~keep, float("-inf"))
+
+
+def _check_discrete_args(x_t, cond, uncond, guidance_scale, coeffs, noise) -> None:
+    if x_t.dim() != 2 or x_t.dtype != torch.int64:
+        raise RuntimeError(f"discrete_step: x_t must be an int64 [B, N] tensor, got {x_t.dtype} "
+                           f"{tuple(x_t.shape)}")
+    B, N = x_t.shape
+    if cond.dim() != 3 or cond.shape[0] != B or cond.shape[2] != N or cond.shape[1] < 1:
+        raise RuntimeError(f"discrete_step: cond has shape {tuple(cond.shape)}, expected [B, K-1, N] "
+                           f"with B={B}, N={N}")
+    if cond.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError("discrete_step: cond must be float32, float16 or bfloat16")
+    K = cond.shape[1] + 1
+    if uncond is not None:
+        if uncond.shape != cond.shape:
+            raise RuntimeError(f"discrete_step: uncond has shape {tuple(uncond.shape)}, cond {tuple(cond.shape)}")
+        if uncond.dtype != cond.dtype:
+            raise RuntimeError("discrete_step: uncond dtype differs from cond's")
+        if guidance_scale is None:
+            raise RuntimeError("discrete_step: uncond given without guidance_scale")
+        if guidance_scale.dtype != torch.float32 or guidance_scale.numel() not in (1, B):
+            raise RuntimeError(f"discrete_step: guidance_scale must have 1 or B={B} float32 values")
+    if coeffs.dtype != torch.float32:
+        raise RuntimeError("discrete_step: coeffs must be float32")
+    if coeffs.dim() != 2 or coeffs.shape[1] != DS_NUM_COEFFS or coeffs.shape[0] not in (1, B):
+        raise RuntimeError(f"discrete_step: coeffs must have shape [1 or B, {DS_NUM_COEFFS}], "
+                           f"got {tuple(coeffs.shape)}")
+    if noise is not None:
+        if noise.shape != (B, K, N):
+            raise RuntimeError(f"discrete_step: noise has shape {tuple(noise.shape)}, expected "
+                               f"[B, K, N] = {(B, K, N)}")
+        if noise.dtype != torch.float32:
+            raise RuntimeError("discrete_step: noise must be float32 (uniform in [0, 1))")
+
+
+def discrete_step(
+    x_t: Tensor,
+    cond: Tensor,
+    uncond: Optional[Tensor],
+    guidance_scale: Optional[Tensor],
+    coeffs: Tensor,
+    noise: Optional[Tensor],
+    truncation_rate: float,
+    write_log_probs: bool,
+) -> Tuple[Tensor, Tensor]:
+    """One VQ-Diffusion step: log-space CFG, renormalise, truncate, clamp, q-posterior,
+    Gumbel-max sample. See ``fastdiff.ops.discrete_step`` for the contract."""
+    _check_discrete_args(x_t, cond, uncond, guidance_scale, coeffs, noise)
+    num_codes = cond.shape[1]                   # M = K - 1; class M is the mask
+    log_p = cond.float()
+    if uncond is not None:
+        scale = guidance_scale.float().reshape(-1, 1, 1)
+        u = uncond.float()
+        log_p = u + scale * (log_p - u)
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    log_p = truncate_log_probs(log_p, truncation_rate).clamp(min=DS_CLAMP_MIN)
+
+    def col(j):
+        return coeffs[:, j].reshape(-1, 1, 1)
+
+    classes = torch.arange(num_codes, device=x_t.device).reshape(1, -1, 1)
+    masked = (x_t == num_codes).unsqueeze(1)                      # [B, 1, N]
+    same = classes == x_t.unsqueeze(1)                            # [B, M, N]
+    log_q_cum = torch.where(masked, col(DS_CUM_MASK), torch.where(same, col(DS_CUM_SAME), col(DS_CUM_OTHER)))
+    log_q_step = torch.where(masked, col(DS_STEP_MASK), torch.where(same, col(DS_STEP_SAME), col(DS_STEP_OTHER)))
+    log_q_step_mask = torch.where(masked, torch.zeros_like(col(DS_STEP_UNMASK)), col(DS_STEP_UNMASK))
+    # p(x_{t-1} | x_t) = sum_x0 q(x_t | x_{t-1}) q(x_{t-1} | x_0) p(x_0 | x_t) / q(x_t | x_0),
+    # normalised over x_0 in log space (the scheduler's q_posterior, same operation order).
+    q = log_p - log_q_cum
+    q_norm = torch.logsumexp(q, dim=1, keepdim=True)
+    q = torch.logaddexp(q - q_norm + col(DS_PREV_A), col(DS_PREV_B))
+    posterior = torch.cat([q + log_q_step + q_norm,
+                           col(DS_PREV_C) + log_q_step_mask + q_norm], dim=1)
+    last = torch.cat([log_p, torch.full_like(log_p[:, :1], float("-inf"))], dim=1)
+    log_probs = torch.where(col(DS_POSTERIOR) > 0.5, posterior, last)
+    if noise is not None:
+        gumbel = -torch.log(-torch.log(noise + DS_GUMBEL_EPS) + DS_GUMBEL_EPS)
+        tokens = (gumbel + log_probs).argmax(dim=1)
+    else:
+        tokens = log_probs.argmax(dim=1)
+    return tokens, log_probs if write_log_probs else log_probs.new_empty(0)
