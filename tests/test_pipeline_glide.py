@@ -7,7 +7,6 @@ ones are; the tokenizer is GPT-2-format encoder.json + vocab.bpe.
 """
 from __future__ import annotations
 
-import os
 import types
 
 import numpy as np
@@ -21,7 +20,7 @@ from fastdiff.loaders.files import CheckpointError
 from fastdiff.loaders.glide import load_glide_model
 from fastdiff.ops import coeffs as C
 from fastdiff.ops.guided_step import guided_step
-from fastdiff.pipelines import GlidePipeline, Pipeline
+from fastdiff.pipelines import Pipeline
 from fastdiff.sampling.respaced import RespacedSchedule, respaced_ddim_plan, respaced_ddpm_plan
 
 TOL = 1e-5

@@ -332,6 +332,7 @@ class Text2ImUNet(nn.Module):
         self.xf_padding = bool(options["xf_padding"])
         self.n_vocab = int(n_vocab)
         channel_mult = parse_channel_mult(options)
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
         attention_ds = attention_downsample_rates(options)
         num_res_blocks = int(options["num_res_blocks"])
         heads, head_channels = int(options["num_heads"]), int(options["num_head_channels"])
@@ -435,7 +436,7 @@ class Text2ImUNet(nn.Module):
                 inpaint_image: Optional[Tensor] = None, inpaint_mask: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be [B, 3, H, W], got {tuple(x.shape)}")
-        factor = 2 ** (len(parse_channel_mult(self.options)) - 1)
+        factor = self.downsample_factor
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"image sides must be multiples of {factor} for this model, got {tuple(x.shape[2:])}")
         if text is None and self.xf_width:

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..guidance import ClassifierFreeGuidance
-from ..models.adm_unet import Text2ImUNet, parse_channel_mult
+from ..models.adm_unet import Text2ImUNet
 from ..sampling import SAMPLERS, SchedulerConfig, run_plan, sample
 from ..sampling.respaced import RespacedSchedule, named_betas, respaced_ddim_plan, respaced_ddpm_plan
+from ..sampling.schedules import SAMPLER_CLASS
 from .base import Pipeline, check_prompts, make_generator, to_output
 
 RESPACED_SAMPLERS = ("ddpm", "ddim")
@@ -187,11 +188,8 @@ class GlidePipeline(Pipeline):
         cond = model.encode_text(tokens.to(self.device), mask.to(self.device))
         if not guided:
             return cond, None
-        empty, empty_mask = self.tokenizer.padded_tokens_and_mask([], model.text_ctx)
-        n = len(prompts)
-        uncond = model.encode_text(torch.tensor([empty] * n, device=self.device),
-                                   torch.tensor([empty_mask] * n, dtype=torch.bool, device=self.device))
-        return cond, uncond
+        empty, empty_mask = self.tokenizer([""] * len(prompts), model.text_ctx)  # no tokens: all padding
+        return cond, model.encode_text(empty.to(self.device), empty_mask.to(self.device))
 
     @staticmethod
     def _schedule(model: Text2ImUNet, steps) -> RespacedSchedule:
@@ -220,7 +218,7 @@ class GlidePipeline(Pipeline):
             raise ValueError(f"inpainting needs the ddpm or ddim sampler, not {sampler!r}")
         o = model.options
         config = SchedulerConfig.from_dict(dict(
-            _class_name=_CLASS_OF[sampler], num_train_timesteps=int(o["diffusion_steps"]),
+            _class_name=SAMPLER_CLASS[sampler], num_train_timesteps=int(o["diffusion_steps"]),
             prediction_type="epsilon", clip_sample=clip_denoised, use_karras_sigmas=sampler.endswith("karras"),
             trained_betas=named_betas(o["noise_schedule"], int(o["diffusion_steps"])).tolist()))
         if isinstance(steps, str) and not steps.strip().isdigit():
@@ -385,7 +383,3 @@ class GlidePipeline(Pipeline):
             return fns[0]
         return lambda x, t: sum(fn(x, t) for fn in fns)
 
-
-_CLASS_OF = {"pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-             "heun": "HeunDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-             "dpmpp_2m_karras": "DPMSolverMultistepScheduler"}

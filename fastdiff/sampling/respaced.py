@@ -116,7 +116,7 @@ def respaced_ddim_plan(schedule: RespacedSchedule, eta: float = 0.0, clip_denois
     if eta < 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
     ac, acp = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
-    steps, grad = [], []
+    steps = []
     for k in reversed(range(len(schedule))):
         a, ap = ac[k], acp[k]
         sigma = eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(1.0 - a / ap)
@@ -126,8 +126,5 @@ def respaced_ddim_plan(schedule: RespacedSchedule, eta: float = 0.0, clip_denois
         out = (direction / math.sqrt(1.0 - a), 0.0, out_x0)
         steps.append(S.Step(float(schedule.timesteps[k]), S.row(x0_coeffs, out, noise=sigma),
                             noise=eta > 0 and k > 0, alpha_bar=a))
-        # Score guidance shifts eps by -sqrt(1 - a) g, so x0 by (1 - a) / sqrt(a) g; the
-        # step is linear in x0 with coefficient out_x0.
-        grad.append(out_x0 * (1.0 - a) / math.sqrt(a))
     return S.Plan(steps, clip_range=1.0 if clip_denoised else None, name="ddim",
-                  extra={"guidance": "score", "grad_coeffs": grad})
+                  extra={"guidance": "score"})

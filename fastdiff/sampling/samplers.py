@@ -85,30 +85,30 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
     # Coefficients and timesteps go to the device once per run.
     rows = torch.tensor(table, dtype=torch.float32, device=device)
     ts = torch.tensor([s.t for s in plan.steps], dtype=plan.t_dtype, device=device)
-    x0_rows = None
-    if callback is not None and not plan.denoised_is_x0:
-        x0_table = np.zeros((len(plan.steps), C.NUM_FIXED))
-        x0_table[:, [C.X0_X, C.X0_P]] = table[:, [C.X0_X, C.X0_P]]
-        x0_table[:, C.OUT_X0] = 1.0
-        x0_rows = torch.tensor(x0_table, dtype=torch.float32, device=device)
-
     guidance = plan.extra.get("guidance") if cond_fn is not None else None
     if cond_fn is not None and guidance not in ("mean", "score"):
         raise ValueError(f"classifier guidance (cond_fn) is supported by the respaced ddpm and ddim samplers, "
                          f"not by {plan.name or 'this plan'}")
+    if (denoised_fn is not None or guidance == "score") and \
+            any(s.history or s.row[C.OUT_P] != 0.0 for s in plan.steps):
+        raise ValueError(f"denoised_fn and score guidance need a sampler whose update reads the model output "
+                         f"only through x0 (the respaced ddpm and ddim do); {plan.name or 'this plan'} does not")
+    # x0 alone (first output, unclipped): for the callback of plans whose `denoised` is not
+    # x0, and as the first of the two op calls of a step with denoised_fn.
+    x0_rows = None
+    if (callback is not None and not plan.denoised_is_x0) or denoised_fn is not None:
+        x0_table = np.zeros((len(plan.steps), C.NUM_FIXED))
+        x0_table[:, [C.X0_X, C.X0_P]] = table[:, [C.X0_X, C.X0_P]]
+        x0_table[:, C.OUT_X0] = 1.0
+        x0_rows = torch.tensor(x0_table, dtype=torch.float32, device=device)
     grad_coeffs = None
     if guidance == "score":
-        grad_coeffs = torch.tensor(plan.extra["grad_coeffs"], dtype=torch.float32, device=device)
-
-    paste_rows = x0_only_rows = None
+        # eps - sqrt(1 - a) g moves x0 by (1 - a) / sqrt(a) g, which enters the step through OUT_X0.
+        alpha_bar = np.array([s.alpha_bar for s in plan.steps])
+        grad_coeffs = torch.tensor(table[:, C.OUT_X0] * (1.0 - alpha_bar) / np.sqrt(alpha_bar),
+                                   dtype=torch.float32, device=device)
+    paste_rows = None
     if denoised_fn is not None:
-        if any(s.history or s.row[C.OUT_P] != 0.0 for s in plan.steps):
-            raise ValueError(f"denoised_fn needs a sampler whose update reads the model output only through "
-                             f"x0 (the respaced ddpm and ddim do); {plan.name or 'this plan'} does not")
-        x0_only = np.zeros((len(plan.steps), C.NUM_FIXED))
-        x0_only[:, [C.X0_X, C.X0_P]] = table[:, [C.X0_X, C.X0_P]]
-        x0_only[:, C.DEN_X0] = 1.0
-        x0_only_rows = torch.tensor(x0_only, dtype=torch.float32, device=device)
         paste = np.zeros((len(plan.steps), C.NUM_FIXED + 1))
         paste[:, : C.NUM_FIXED] = table[:, : C.NUM_FIXED]
         paste[:, C.OUT_X0] = 0.0
@@ -138,9 +138,8 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
                     clip_range=plan.clip_range, learned_variance=plan.learned_variance,
                     write_denoised=step.write_denoised or want_x0)
             else:
-                _, den = guided_step(x, out.cond, out.uncond, out.scale, coeffs=x0_only_rows[i : i + 1],
-                                     write_denoised=True)
-                den = denoised_fn(den, ts[i])
+                den = denoised_fn(guided_step(x, out.cond, out.uncond, out.scale, coeffs=x0_rows[i : i + 1])[0],
+                                  ts[i])
                 if plan.clip_range is not None:
                     den = den.clamp(-plan.clip_range, plan.clip_range)
                 x_next, _ = guided_step(x, out.cond, out.uncond, out.scale, coeffs=paste_rows[i : i + 1], noise=z,
