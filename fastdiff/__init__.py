@@ -7,7 +7,7 @@
 """
 from .ops import backend_info, get_backend, set_backend
 from . import ops, sampling, guidance
-from .pipelines import GlidePipeline, Pipeline, StableDiffusionPipeline
+from .pipelines import GlidePipeline, Pipeline, StableDiffusionPipeline, VQDiffusionPipeline
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "GlidePipeline", "StableDiffusionPipeline", "backend_info", "set_backend", "get_backend", "ops", "sampling", "guidance", "__version__"]
+__all__ = ["Pipeline", "GlidePipeline", "StableDiffusionPipeline", "VQDiffusionPipeline", "backend_info", "set_backend", "get_backend", "ops", "sampling", "guidance", "__version__"]

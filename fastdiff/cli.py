@@ -89,7 +89,6 @@ def _cmd_generate(args) -> int:
         print("error: --image/--mask/--glide-upsampler/--clip-guidance are GLIDE options; give --glide BASE.pt",
               file=sys.stderr)
         return 2
-    guidance = 7.5 if args.guidance is None else args.guidance
     try:
         if args.model is None:
             pipe = Pipeline(device=device, dtype=dtype)
@@ -100,6 +99,13 @@ def _cmd_generate(args) -> int:
                                                             device=device, dtype=dtype)
         else:
             pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
+        from .pipelines import VQDiffusionPipeline
+
+        if isinstance(pipe, VQDiffusionPipeline):
+            return _generate_vq(args, pipe, prompts)
+        if args.truncation_rate is not None:
+            raise ValueError("--truncation-rate is a VQ-Diffusion option; this model is not one")
+        guidance = 7.5 if args.guidance is None else args.guidance
         start = time.perf_counter()
         images = pipe.generate(prompts, negative_prompt=[args.negative] * len(prompts) if args.negative else None,
                                num_inference_steps=args.steps or 30, guidance_scale=guidance,
@@ -109,6 +115,24 @@ def _cmd_generate(args) -> int:
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _save_images(args, prompts, images, time.perf_counter() - start)
+    return 0
+
+
+def _generate_vq(args, pipe, prompts) -> int:
+    unused = [flag for flag, value in (("--negative", args.negative), ("--sampler", args.sampler),
+                                       ("--height", args.height), ("--width", args.width),
+                                       ("--clip-skip", args.clip_skip), ("--guidance-rescale", args.guidance_rescale),
+                                       ("--eta", args.eta)) if value]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do not apply to VQ-Diffusion (it samples tokens of a fixed grid "
+                         "with its own discrete scheduler)")
+    start = time.perf_counter()
+    images = pipe.generate(prompts, num_inference_steps=args.steps or 100,
+                           guidance_scale=5.0 if args.guidance is None else args.guidance,
+                           truncation_rate=1.0 if args.truncation_rate is None else args.truncation_rate,
+                           num_images_per_prompt=args.images_per_prompt, seed=args.seed,
+                           progress=not args.no_progress)
     _save_images(args, prompts, images, time.perf_counter() - start)
     return 0
 
@@ -197,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show which implementation (C++, CUDA C++, Triton, reference) runs each op")
     info.set_defaults(func=_cmd_info)
     gen = sub.add_parser(
-        "generate", help="generate images from text (built-in model, Stable Diffusion, or GLIDE checkpoints)",
+        "generate", help="generate images from text (built-in model, Stable Diffusion, VQ-Diffusion, or GLIDE)",
         description="Generates images with the small model built into fastdiff (no --model), a Stable Diffusion "
-                    "1.x/2.x model (a diffusers folder, or an original single-file .safetensors/.ckpt), or "
+                    "1.x/2.x model (a diffusers folder, or an original single-file .safetensors/.ckpt), a "
+                    "VQ-Diffusion model (a diffusers VQDiffusionPipeline folder, e.g. microsoft/vq-diffusion-ithq), or "
                     "OpenAI's GLIDE checkpoints (--glide base.pt --glide-tokenizer DIR [--glide-upsampler "
                     "upsample.pt]). Nothing is downloaded.")
     gen.add_argument("prompt", nargs="*", help="one or more prompts")
@@ -211,15 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="out.png",
                      help="PNG path for one image, else a folder for several (default: %(default)s)")
     gen.add_argument("--negative", help="negative prompt, used for every prompt")
-    gen.add_argument("--steps", type=int, help="sampling steps (default: 30; GLIDE: 100)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: 30; GLIDE and VQ-Diffusion: 100)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 turns it off "
-                     "(default: 7.5; GLIDE: 3)")
+                     "(default: 7.5; GLIDE: 3; VQ-Diffusion: 5)")
     gen.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] "
                      "(default: %(default)s)")
     gen.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (default: the model's scheduler config)")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images "
                      "(default: %(default)s)")
+    gen.add_argument("--truncation-rate", type=float, help="VQ-Diffusion: keep each token's most likely classes up "
+                     "to this cumulative probability, in (0, 1] (default 1: keep all)")
     gen.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's)")
     gen.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's)")
     gen.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default: %(default)s)")

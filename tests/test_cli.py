@@ -131,6 +131,8 @@ def test_generate_bad_input_is_a_clear_error(sd_folder, tmp_path, capsys):
     assert "multiple of 8" in capsys.readouterr().err
     assert main(["generate", "--model", sd_folder]) == 2
     assert "at least one prompt" in capsys.readouterr().err
+    assert main(["generate", "a", "--model", sd_folder, "--truncation-rate", "0.9", "-o", str(tmp_path / "x.png")]) == 2
+    assert "VQ-Diffusion option" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -139,5 +141,5 @@ def test_generate_help_explains_every_option(capsys):
         main(["generate", "--help"])
     out = capsys.readouterr().out
     for option in ["--model", "--steps", "--guidance", "--sampler", "--seed", "--output", "--prompts-file",
-                   "--negative", "--height", "--images-per-prompt", "--dtype", "--no-progress"]:
+                   "--negative", "--height", "--images-per-prompt", "--dtype", "--no-progress", "--truncation-rate"]:
         assert option in out

@@ -146,6 +146,44 @@ def test_same_seed_same_weights_through_the_cli(tmp_path, vae_run, full_run):
     assert f"fastdiff train --preset tiny --output {tmp_path} --stage text2img" in record
 
 
+def test_init_from_starts_at_the_exported_weights(tmp_path, vae_run, full_run):
+    """A fine-tuning run starts from the folder's (EMA) unet and text encoder and its tokenizer:
+    after zero optimiser steps at lr ~0 its export is those weights."""
+    cfg = tiny(tmp_path, vae_path=str(vae_run[0] / "vae"), init_from=str(full_run[0]))
+    train_text2img(with_section(cfg, "diffusion", steps=1, lr=1e-30, ema_decay=0.0))
+    for key, value in weights(full_run[0]).items():
+        if not key.startswith("vae."):
+            torch.testing.assert_close(weights(tmp_path)[key], value, atol=1e-6, rtol=0, msg=key)
+    assert (tmp_path / "tokenizer" / "vocab.json").read_text() == (full_run[0] / "tokenizer" / "vocab.json").read_text()
+    record = json.load(open(tmp_path / "training_log.json"))
+    assert record  # the run is logged like any other
+
+
+def test_init_from_refuses_another_architecture(tmp_path, vae_run, full_run):
+    cfg = tiny(tmp_path, vae_path=str(vae_run[0] / "vae"), init_from=str(full_run[0]))
+    cfg = replace(cfg, unet=replace(cfg.unet, block_out_channels=(16, 16)))
+    with pytest.raises(ValueError, match="does not fit this run's architecture"):
+        train_text2img(with_section(cfg, "diffusion", steps=1))
+
+
+def test_text_encoder_learning_rate_scale(tmp_path, vae_run):
+    """text_encoder_lr_scale = 0 freezes the encoder's weights while the UNet still learns."""
+    cfg = with_section(tiny(tmp_path, vae_path=str(vae_run[0] / "vae")), "diffusion", steps=3, ema_decay=0.0,
+                       text_encoder_lr_scale=1e-30)
+    train_text2img(cfg)
+    torch.manual_seed(cfg.seed)
+    from fastdiff.train.models import build_text_encoder
+    from fastdiff.train.tokenizer import load_tokenizer
+
+    initial = build_text_encoder(cfg, load_tokenizer(str(tmp_path / "tokenizer"))).state_dict()
+    trained = weights(tmp_path)
+    for key, value in initial.items():
+        if f"text_encoder.{key}" in trained and value.is_floating_point():
+            torch.testing.assert_close(trained[f"text_encoder.{key}"], value, atol=1e-6, rtol=0, msg=key)
+    with pytest.raises(ValueError, match="text_encoder_lr_scale"):
+        with_section(preset("tiny"), "diffusion", text_encoder_lr_scale=0.0)
+
+
 def test_cli_help_explains_every_option(capsys):
     parser = argparse.ArgumentParser(prog="fastdiff")
     add_train_parser(parser.add_subparsers(dest="command"))
@@ -155,7 +193,7 @@ def test_cli_help_explains_every_option(capsys):
     for option in ("--preset", "--output", "--data", "--steps", "--vae-steps", "--batch-size", "--lr",
                    "--prediction-type", "--p2-gamma", "--p2-k", "--cond-dropout", "--ema-decay", "--seed",
                    "--device", "--precision", "--grad-checkpointing", "--resume", "--no-progress",
-                   "--checkpoint-every"):
+                   "--checkpoint-every", "--init-from", "--lr-schedule", "--text-lr-scale"):
         assert option in text, option
 
 

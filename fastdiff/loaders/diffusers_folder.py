@@ -80,3 +80,28 @@ def load_tokenizer(folder: str, name: str = "tokenizer"):
         return CLIPTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load the tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_learned_null_embeddings(folder: str, name: str) -> Optional[torch.Tensor]:
+    """VQ-Diffusion's learned null-text embedding [length, hidden_size], or None when the
+    component says it is not learnable (the pipeline then embeds the empty prompt)."""
+    path = component_dir(folder, name)
+    config = read_json(os.path.join(path, "config.json"))
+    if not config.get("learnable", False):
+        return None
+    length, hidden = config.get("length"), config.get("hidden_size")
+    if not isinstance(length, int) or not isinstance(hidden, int):
+        raise ValueError(f"{path}/config.json: a learnable null embedding needs integer 'length' and "
+                         f"'hidden_size', got {length!r} and {hidden!r}")
+    weights_file = find_weights(path)
+    state = load_state_dict_file(weights_file)
+    embeddings = state.get("embeddings")
+    if embeddings is None or set(state) != {"embeddings"}:
+        raise CheckpointError(f"{weights_file} should hold exactly one tensor named 'embeddings', "
+                              f"found {sorted(state)[:8]}")
+    if tuple(embeddings.shape) != (length, hidden):
+        raise CheckpointError(f"{weights_file}: 'embeddings' has shape {tuple(embeddings.shape)}, its config "
+                              f"says {(length, hidden)}")
+    if not torch.isfinite(embeddings).all():
+        raise CheckpointError(f"{weights_file}: 'embeddings' contains NaN or infinite values")
+    return embeddings

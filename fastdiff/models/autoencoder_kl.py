@@ -97,7 +97,10 @@ class VAEMidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: Dict[str, Any]):
+    """diffusers' Encoder: 2 x latent_channels out (mean and log-variance) with ``double_z``, as
+    the KL autoencoder uses it, else latent_channels (the VQ-VAE)."""
+
+    def __init__(self, cfg: Dict[str, Any], double_z: bool = True):
         super().__init__()
         channels, groups = cfg["block_out_channels"], cfg["norm_num_groups"]
         self.conv_in = nn.Conv2d(cfg["in_channels"], channels[0], 3, padding=1)
@@ -107,7 +110,7 @@ class Encoder(nn.Module):
             for i in range(len(channels))])
         self.mid_block = VAEMidBlock(channels[-1], groups, cfg["mid_block_add_attention"])
         self.conv_norm_out = GroupNorm(groups, channels[-1], EPS)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * cfg["latent_channels"], 3, padding=1)
+        self.conv_out = nn.Conv2d(channels[-1], (2 if double_z else 1) * cfg["latent_channels"], 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)

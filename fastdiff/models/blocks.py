@@ -216,12 +216,47 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    """net = [GEGLU(dim -> 4 dim), Dropout, Linear(4 dim -> dim)]."""
+class GELU(nn.Module):
+    """proj, then GELU (erf, or its tanh form): diffusers' "gelu" / "gelu-approximate"."""
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "none"):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class SigmoidGELU(nn.Module):
+    """proj, then x * sigmoid(1.702 x), the sigmoid approximation of GELU (Hendrycks & Gimpel
+    2016, sec. 2): diffusers' "geglu-approximate" (ApproximateGELU), ungated despite the name."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(x)
+        return x * torch.sigmoid(1.702 * x)
+
+
+FEED_FORWARD_ACTIVATIONS = {
+    "geglu": GEGLU, "geglu-approximate": SigmoidGELU,
+    "gelu": GELU, "gelu-approximate": lambda dim_in, dim_out: GELU(dim_in, dim_out, approximate="tanh"),
+}
+
+
+class FeedForward(nn.Module):
+    """net = [activation projection (dim -> mult dim), Dropout, Linear(mult dim -> dim)]."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation: str = "geglu"):
+        super().__init__()
+        if activation not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(f"feed-forward activation {activation!r} is not supported; valid: "
+                             f"{', '.join(FEED_FORWARD_ACTIVATIONS)}")
+        self.net = nn.ModuleList([FEED_FORWARD_ACTIVATIONS[activation](dim, dim * mult), nn.Dropout(dropout),
+                                  nn.Linear(dim * mult, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.net:

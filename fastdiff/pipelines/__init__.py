@@ -3,5 +3,6 @@
 from .base import Pipeline
 from .glide import GlidePipeline
 from .stable_diffusion import StableDiffusionPipeline
+from .vq_diffusion import VQDiffusionPipeline
 
-__all__ = ["Pipeline", "GlidePipeline", "StableDiffusionPipeline"]
+__all__ = ["Pipeline", "GlidePipeline", "StableDiffusionPipeline", "VQDiffusionPipeline"]

@@ -83,10 +83,14 @@ class Pipeline(metaclass=_PipelineFactory):
         name = index.get("_class_name")
         from .stable_diffusion import StableDiffusionPipeline
 
-        if name in StableDiffusionPipeline.CLASS_NAMES:
-            return StableDiffusionPipeline.from_pretrained(path, device=device, dtype=dtype)
+        from .vq_diffusion import VQDiffusionPipeline
+
+        for pipeline in (StableDiffusionPipeline, VQDiffusionPipeline):
+            if name in pipeline.CLASS_NAMES:
+                return pipeline.from_pretrained(path, device=device, dtype=dtype)
+        known = StableDiffusionPipeline.CLASS_NAMES + VQDiffusionPipeline.CLASS_NAMES
         raise ValueError(f"{path}: pipeline class {name!r} is not supported; fastdiff reads "
-                         f"{', '.join(StableDiffusionPipeline.CLASS_NAMES)} folders")
+                         f"{', '.join(known)} folders")
 
     @classmethod
     def from_glide(cls, base, upsampler=None, *, tokenizer, inpaint: bool = False, clip=None, options=None,

@@ -14,6 +14,7 @@ from .samplers import (
     sample_heun,
     sample_pndm,
 )
+from .discrete import sample_discrete
 from .schedules import (
     NoiseSchedule,
     SchedulerConfig,
@@ -26,6 +27,6 @@ from .schedules import (
 __all__ = [
     "SAMPLERS", "StepInfo", "get_sampler", "run_plan", "sample", "sample_ddim", "sample_ddpm",
     "sample_dpmpp_2m", "sample_dpmpp_2m_karras", "sample_euler", "sample_euler_ancestral",
-    "sample_heun", "sample_pndm", "NoiseSchedule", "SchedulerConfig", "glide_respacing",
+    "sample_heun", "sample_pndm", "sample_discrete", "NoiseSchedule", "SchedulerConfig", "glide_respacing",
     "karras_sigmas", "make_betas", "spaced_timesteps",
 ]

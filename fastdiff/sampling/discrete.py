@@ -115,3 +115,67 @@ def gumbel_uniform(batch: int, num_classes: int, num_tokens: int, last_step: boo
     if last_step:
         u = torch.cat([u, u.new_zeros(batch, 1, num_tokens)], dim=1)
     return u
+
+
+def sample_discrete(denoise, x: torch.Tensor, config, num_inference_steps: int, *,
+                    guidance_scale: Optional[float] = None, truncation_rate: float = 1.0,
+                    generator: Optional[torch.Generator] = None, progress: bool = True,
+                    callback=None) -> torch.Tensor:
+    """VQ-Diffusion's reverse process (Gu et al. 2022, eq. 11): one model call and one fused
+    ``discrete_step`` per timestep, from t = num_inference_steps - 1 down to 0.
+
+    denoise(x_t, t) -> (cond, uncond): log p(x0 | x_t) over the K - 1 codebook classes,
+    [B, K-1, N] each; uncond is None without guidance. The two may be views of one
+    batched 2B model call (the op takes any strides).
+    x: int64 [B, N] tokens at the first timestep (all masked: class K - 1).
+    guidance_scale: None (or <= 1) for no guidance, else the log-space scale.
+
+    As diffusers' VQDiffusionScheduler, fewer steps than training run the last
+    timesteps of the training chain (t = steps - 1, ..., 0), not a respaced one.
+    The Gumbel noise is drawn as diffusers draws it (``gumbel_uniform``), so the same
+    generator gives the same tokens. callback(StepInfo) sees the tokens after each step
+    and, as ``x0``, the argmax tokens of the step's guided, truncated p(x0 | x_t).
+    """
+    from ..ops import discrete_step
+    from .samplers import StepInfo
+
+    if not isinstance(config, DiscreteScheduleConfig):
+        config = DiscreteScheduleConfig.from_dict(config)
+    T = config.num_train_timesteps
+    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
+        raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (the model's training "
+                         f"timesteps), got {num_inference_steps!r}")
+    if not 0.0 < truncation_rate <= 1.0:
+        raise ValueError(f"truncation_rate must be in (0, 1], got {truncation_rate}")
+    device = x.device
+    timesteps = list(range(num_inference_steps - 1, -1, -1))
+    rows = discrete_step_rows(config, timesteps, device=device)
+    x0_row = discrete_step_rows(config, [0], device=device)[0]
+    ts = torch.tensor(timesteps, dtype=torch.int64, device=device)
+    scale = None
+    if guidance_scale is not None and guidance_scale > 1.0:
+        scale = torch.tensor([float(guidance_scale)], dtype=torch.float32, device=device)
+    draw_device = generator.device if generator is not None else device
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(timesteps), desc="vq-diffusion", leave=False)
+    try:
+        for i, t in enumerate(timesteps):
+            cond, uncond = denoise(x, ts[i : i + 1])
+            if (uncond is None) != (scale is None):
+                raise ValueError("denoise must return an unconditional half exactly when guidance is on")
+            noise = gumbel_uniform(x.shape[0], config.num_vec_classes, x.shape[1], last_step=t == 0,
+                                   generator=generator, device=draw_device).to(device)
+            x_prev, _ = discrete_step(x, cond, uncond, scale, coeffs=rows[i], noise=noise,
+                                      truncation_rate=truncation_rate)
+            if callback is not None:
+                x0 = discrete_step(x, cond, uncond, scale, coeffs=x0_row, truncation_rate=truncation_rate)[0]
+                callback(StepInfo(i, len(timesteps), ts[i], x_prev, x0, stage="vq-diffusion"))
+            x = x_prev
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return x

@@ -8,7 +8,7 @@ import argparse
 import shlex
 import sys
 
-from .config import BETA_SCHEDULES, PRECISIONS, PREDICTION_TYPES, PRESETS, preset, with_section
+from .config import BETA_SCHEDULES, LR_SCHEDULES, PRECISIONS, PREDICTION_TYPES, PRESETS, preset, with_section
 
 DESCRIPTION = """\
 Trains a small latent text-to-image model from scratch and saves it as a diffusers
@@ -47,6 +47,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="'vae' = stage 1 only, 'text2img' = stage 2 only (needs OUTPUT/vae or --vae), "
                         "'all' = both (default)")
     p.add_argument("--vae", metavar="DIR", help="use this trained diffusers VAE folder and skip stage 1")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start stage 2 from the unet, text encoder and tokenizer of this pipeline folder (e.g. an "
+                        "earlier run's output, which holds its EMA weights) instead of random init: fine-tuning "
+                        "with new settings; give its VAE with --vae DIR/vae")
     # dest is not "steps": fastdiff/cli.py's main() compares a parsed `steps` with 1, and None is "keep the preset's"
     p.add_argument("--steps", dest="text2img_steps", metavar="STEPS", type=int, help="stage 2 (text-to-image) optimiser steps")
     p.add_argument("--vae-steps", type=int, help="stage 1 (autoencoder) optimiser steps")
@@ -54,6 +58,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--vae-batch-size", type=int, help="stage 1 batch size")
     p.add_argument("--lr", type=float, help="stage 2 peak AdamW learning rate (after linear warm-up)")
     p.add_argument("--vae-lr", type=float, help="stage 1 peak AdamW learning rate")
+    p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES),
+                   help="stage 2 learning rate after warm-up: constant, or cosine decay to 0 (default constant)")
+    p.add_argument("--text-lr-scale", type=float,
+                   help="the text encoder's learning rate as a multiple of --lr (default 1)")
     p.add_argument("--prediction-type", choices=list(PREDICTION_TYPES),
                    help="what the UNet predicts: the noise (epsilon) or v = alpha*noise - sigma*x0 "
                         "(v_prediction, the default: well-conditioned at every noise level)")
@@ -92,7 +100,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args):
     """The TrainConfig an argparse namespace of `fastdiff train` describes."""
-    top = dict(output=args.output, data=args.data, vae_path=args.vae, resume=args.resume,
+    top = dict(output=args.output, data=args.data, vae_path=args.vae, init_from=args.init_from, resume=args.resume,
                progress=not args.no_progress, gradient_checkpointing=args.grad_checkpointing)
     for name, value in (("seed", args.seed), ("device", args.device), ("precision", args.precision),
                         ("num_threads", args.threads), ("checkpoint_every", args.checkpoint_every)):
@@ -104,7 +112,8 @@ def config_from_args(args):
     diffusion = {k: v for k, v in (("steps", args.text2img_steps), ("batch_size", args.batch_size), ("lr", args.lr),
                                    ("prediction_type", args.prediction_type), ("beta_schedule", args.beta_schedule),
                                    ("p2_gamma", args.p2_gamma), ("p2_k", args.p2_k),
-                                   ("cond_dropout", args.cond_dropout), ("ema_decay", args.ema_decay))
+                                   ("cond_dropout", args.cond_dropout), ("ema_decay", args.ema_decay),
+                                   ("lr_schedule", args.lr_schedule), ("text_encoder_lr_scale", args.text_lr_scale))
                  if v is not None}
     if vae:
         cfg = with_section(cfg, "vae_training", **vae)

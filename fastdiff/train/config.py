@@ -92,6 +92,7 @@ class DiffusionTraining:
     ema_decay: float = 0.999
     latent_sample: bool = True  # sample the VAE posterior (as SD) rather than take its mean
     train_text_encoder: bool = True
+    text_encoder_lr_scale: float = 1.0  # the text encoder's learning rate = lr x this
 
 
 @dataclass
@@ -109,6 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints; 0 = only when a stage ends
     resume: bool = False
     vae_path: Optional[str] = None  # an existing diffusers VAE folder for stage 2 (default: <output>/vae)
+    init_from: Optional[str] = None  # a pipeline folder whose unet, text encoder and tokenizer start stage 2
     command: Optional[str] = None  # how the run was started, for TRAINING.md
     autoencoder: AutoencoderArch = field(default_factory=AutoencoderArch)
     unet: UNetArch = field(default_factory=UNetArch)
@@ -168,7 +170,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"diffusion.ema_decay must be in [0, 1), got {d.ema_decay}")
     if d.p2_gamma < 0 or d.p2_k <= 0:
         raise ValueError(f"P2 weighting needs p2_gamma >= 0 and p2_k > 0, got {d.p2_gamma}, {d.p2_k}")
-    for name, lr in (("diffusion.lr", d.lr), ("vae_training.lr", v.lr)):
+    for name, lr in (("diffusion.lr", d.lr), ("vae_training.lr", v.lr),
+                     ("diffusion.text_encoder_lr_scale", d.text_encoder_lr_scale)):
         if not lr > 0:
             raise ValueError(f"{name} must be positive, got {lr}")
     factor = 2 ** (len(cfg.autoencoder.block_out_channels) - 1)

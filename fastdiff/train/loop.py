@@ -73,11 +73,15 @@ class TrainingLoop:
 
     def __init__(self, name: str, cfg: TrainConfig, total_steps: int, trainable: Dict[str, nn.Module], *,
                  lr: float, weight_decay: float, warmup_steps: int, lr_schedule: str, grad_clip: float,
-                 ema_decay: Optional[float], data, generator: torch.Generator):
+                 ema_decay: Optional[float], data, generator: torch.Generator,
+                 lr_scales: Optional[Dict[str, float]] = None):
         self.name, self.cfg, self.total_steps = name, cfg, total_steps
         self.trainable, self.data, self.generator, self.grad_clip = trainable, data, generator, grad_clip
-        self.params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, foreach=True)
+        groups = [{"params": [p for p in m.parameters() if p.requires_grad],
+                   "lr": lr * (lr_scales or {}).get(key, 1.0)} for key, m in trainable.items()]
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay,
+                                           foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(warmup_steps, total_steps, lr_schedule))
         self.ema = EMA(trainable, ema_decay) if ema_decay else None

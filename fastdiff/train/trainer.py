@@ -22,6 +22,7 @@ streams seeded from the same seed and read in the main process.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Dict
 
 import torch
@@ -136,8 +137,29 @@ def _tokenizer(cfg: TrainConfig, data):
     folder = os.path.join(cfg.output, "tokenizer")
     if cfg.resume and os.path.isfile(os.path.join(folder, "vocab.json")):
         return load_tokenizer(folder)
+    if cfg.init_from:  # the text encoder's embedding rows belong to that run's vocabulary
+        source = folder_io.component_dir(cfg.init_from, "tokenizer")
+        if os.path.abspath(source) != os.path.abspath(folder):
+            shutil.copytree(source, folder, dirs_exist_ok=True)
+        return load_tokenizer(folder)
     return build_tokenizer(data.tokenizer_texts(), folder, cfg.text_encoder.max_positions,
                            cfg.text_encoder.max_vocab)
+
+
+def _initialise_from(cfg: TrainConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """Start stage 2 from the unet and text encoder of an exported pipeline folder (e.g. an earlier
+    run's output, whose EMA weights it holds); the architectures must be this run's."""
+    from ..loaders.files import find_weights, load_state_dict_file, state_dict_problems
+
+    for name, module, stems in (("unet", unet, ("diffusion_pytorch_model",)),
+                                ("text_encoder", text_encoder, ("model", "pytorch_model"))):
+        path = find_weights(folder_io.component_dir(cfg.init_from, name), stems=stems)
+        state = load_state_dict_file(path)
+        problems = state_dict_problems(module.state_dict(), state)
+        if problems:
+            raise ValueError(f"--init-from {cfg.init_from}: its {name} does not fit this run's architecture ("
+                             + "; ".join(problems) + ")")
+        module.load_state_dict(state, strict=True)
 
 
 def train_text2img(cfg: TrainConfig) -> StageResult:
@@ -152,6 +174,8 @@ def train_text2img(cfg: TrainConfig) -> StageResult:
         torch.manual_seed(cfg.seed)
         text_encoder = build_text_encoder(cfg, tokenizer).to(device)
         unet = build_unet(cfg).to(device)
+        if cfg.init_from:
+            _initialise_from(cfg, unet, text_encoder)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(unet)
         trainable = {"unet": unet}
@@ -162,7 +186,8 @@ def train_text2img(cfg: TrainConfig) -> StageResult:
         generator = _generator(cfg.seed, TEXT2IMG_STREAM)
         loop = TrainingLoop("text2img", cfg, d.steps, trainable, lr=d.lr, weight_decay=d.weight_decay,
                             warmup_steps=d.warmup_steps, lr_schedule=d.lr_schedule, grad_clip=d.grad_clip,
-                            ema_decay=d.ema_decay, data=data, generator=generator)
+                            ema_decay=d.ema_decay, data=data, generator=generator,
+                            lr_scales={"text_encoder": d.text_encoder_lr_scale})
         loop.resume()
 
         alphas_cumprod = obj.training_alphas_cumprod(d).float().to(device)
