@@ -31,6 +31,15 @@ def read_model_index(folder: str) -> Dict[str, Optional[tuple]]:
     return read_json(os.path.join(folder, "model_index.json"))
 
 
+def check_components(folder: str, index: dict, required, family: str) -> None:
+    """ValueError naming the first of `required` that model_index.json does not list."""
+    for name in required:
+        entry = index.get(name)
+        if not entry or not isinstance(entry, list) or entry[0] is None:
+            raise ValueError(f"{folder}/model_index.json has no '{name}' component; "
+                             f"a {family} folder needs {', '.join(required)}")
+
+
 def component_dir(folder: str, name: str) -> str:
     path = os.path.join(folder, name)
     if not os.path.isdir(path):

@@ -45,11 +45,7 @@ class StableDiffusionPipeline(Pipeline):
 
         path = os.fspath(path)
         index = folder_io.read_model_index(path)
-        for name in cls.REQUIRED:
-            entry = index.get(name)
-            if not entry or not isinstance(entry, list) or entry[0] is None:
-                raise ValueError(f"{path}/model_index.json has no '{name}' component; "
-                                 f"a Stable Diffusion folder needs {', '.join(cls.REQUIRED)}")
+        folder_io.check_components(path, index, cls.REQUIRED, "Stable Diffusion")
         unet = folder_io.load_module(UNet2DConditionModel, path, "unet", device, dtype)
         vae = folder_io.load_module(AutoencoderKL, path, "vae", device, dtype)
         text_encoder = folder_io.load_text_encoder(path, device=device, dtype=dtype)

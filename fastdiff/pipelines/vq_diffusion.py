@@ -51,11 +51,7 @@ class VQDiffusionPipeline(Pipeline):
 
         path = os.fspath(path)
         index = folder_io.read_model_index(path)
-        for name in cls.REQUIRED:
-            entry = index.get(name)
-            if not entry or not isinstance(entry, list) or entry[0] is None:
-                raise ValueError(f"{path}/model_index.json has no '{name}' component; "
-                                 f"a VQ-Diffusion folder needs {', '.join(cls.REQUIRED)}")
+        folder_io.check_components(path, index, cls.REQUIRED, "VQ-Diffusion")
         vqvae = folder_io.load_module(VQModel, path, "vqvae", device, dtype)
         transformer = folder_io.load_module(VQDiffusionTransformer, path, "transformer", device, dtype)
         text_encoder = folder_io.load_text_encoder(path, device=device, dtype=dtype)
