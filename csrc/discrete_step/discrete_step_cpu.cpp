@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "discrete_step/discrete_step_args.h"
 #include "discrete_step/discrete_step_coeffs.h"
 
 namespace fastdiff {
@@ -49,47 +50,135 @@ inline float logsumexp(const float* v, int64_t n) {
   return static_cast<float>(std::log(sum)) + m;
 }
 
-// Sort key: descending value, then ascending class index (a stable descending sort).
+// Sort key of torch.sort(descending=True, stable=True) for a value that is not NaN:
+// descending value, then ascending class index. -0.0 ties with +0.0, as in torch.
+// (truncate() places NaNs itself: torch ranks them above +inf.)
 inline uint64_t descending_key(float v, int64_t i) {
+  v += 0.0f;  // -0.0 + 0.0 = +0.0; every other value is unchanged
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t ascending = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  // Order-preserving as unsigned: negatives flip every bit, the rest only the sign bit.
+  const uint32_t ascending = bits ^ ((0u - (bits >> 31)) | 0x80000000u);
   return (static_cast<uint64_t>(~ascending) << 32) | static_cast<uint32_t>(i);
 }
+
+inline int64_t key_class(uint64_t key) { return static_cast<int64_t>(key & 0xffffffffu); }
+
+// Selection parameters of truncate(): classes within kFirstBand nats of the top form the
+// first band, each further band is twice as wide, and past kLastBand nats the rest of the
+// classes form the last one (their probabilities are below e^-64 of the top's). Within a
+// band the order is built chunk by chunk, the first of at least kFirstChunk classes.
+constexpr float kFirstBand = 4.0f;
+constexpr float kLastBand = 64.0f;
+constexpr int64_t kFirstChunk = 32;
 
 // diffusers' VQDiffusionPipeline.truncate: keep class r of the descending order when
 // the classes before it sum (float64, compared in float32, as torch's CPU cumsum and
 // `<`) to less than the rate; the first one always.
 // Called only for rates below 1; 1 or more keeps every class (reference.truncate_log_probs).
+//
+// Only the kept prefix of the order matters, and it is short unless the distribution is
+// flat, so the classes are not sorted: the prefix is built band by band of values below
+// the top (a linear scan each), and inside a band chunk by chunk (nth_element, then a
+// sort of the chunk), until the running sum reaches the rate. Each band holds exactly the
+// next classes of the order, so the sum runs over the same classes in the same order as
+// after a full sort, and the result is bit-identical to sorting.
 void truncate(float* v, int64_t m, float rate, std::vector<uint64_t>& keys) {
-  double total = 0.0;
-  int64_t top = 0;
+  // The passes over all m classes below are written without data-dependent branches
+  // where they can be: with random values those branches mispredict.
+  float vtop = kNegInf;
+  bool any_nan = false;
   for (int64_t i = 0; i < m; ++i) {
-    total += static_cast<double>(std::exp(v[i]));
-    if (v[i] > v[top]) top = i;
+    vtop = v[i] > vtop ? v[i] : vtop;
+    any_nan |= std::isnan(v[i]);
   }
-  // Every partial sum is at most the total (up to the order of summation, far inside
-  // the margin), so when even the total stays under the rate every class is kept.
-  if (static_cast<float>(total * (1.0 + 1e-11)) < rate) return;
+  // A NaN ranks first and makes every later partial sum NaN: only the first NaN is kept.
+  if (any_nan) {
+    int64_t first_nan = 0;
+    while (!std::isnan(v[first_nan])) ++first_nan;
+    for (int64_t i = 0; i < m; ++i) if (i != first_nan) v[i] = kNegInf;
+    return;
+  }
+  int64_t top = 0;
+  while (v[top] != vtop) ++top;  // the first maximum
   // When the most likely class alone reaches the rate, only it is kept.
-  if (!(static_cast<float>(static_cast<double>(std::exp(v[top]))) < rate) && !std::isnan(v[top])) {
+  if (!(static_cast<float>(static_cast<double>(std::exp(vtop))) < rate)) {
     bool tie = false;
-    for (int64_t i = 0; i < m; ++i) tie |= (i != top && v[i] == v[top]);
+    for (int64_t i = 0; i < m; ++i) tie |= (i != top && v[i] == vtop);
     if (!tie) {
       for (int64_t i = 0; i < m; ++i) if (i != top) v[i] = kNegInf;
       return;
     }
   }
-  keys.resize(m);
-  for (int64_t i = 0; i < m; ++i) keys[i] = descending_key(v[i], i);
-  std::sort(keys.begin(), keys.end());
+  // Invariant: keys[0, filled) hold the classes of the bands scanned so far, and
+  // keys[0, done) the first `done` classes of the order, sorted; `mass` is their running
+  // sum. Keys are distinct (they hold the class), so the order is total. One slot more
+  // than m for the band scan's last (discarded) write.
+  keys.resize(m + 1);
+  int64_t filled = 0;
   double mass = 0.0;
-  int64_t r = 0;
-  for (; r < m; ++r) {
-    if (r > 0 && !(static_cast<float>(mass) < rate)) break;
-    mass += static_cast<double>(std::exp(v[keys[r] & 0xffffffffu]));
+  // Every class has probability <= the top's, so at least rate / p_top are kept.
+  const double top_p = static_cast<double>(std::exp(vtop));
+  const double first = top_p > 0.0 ? 1.25 * static_cast<double>(rate) / top_p + 1.0 : 1e300;
+  int64_t done = 0, cut = -1;
+  int64_t chunk = first >= static_cast<double>(m) ? m : std::max(kFirstChunk, static_cast<int64_t>(first));
+  bool total_checked = false;
+  float width = kFirstBand, band_top = vtop, band_low = vtop;
+  while (cut < 0) {
+    // The next band: classes in [band_low, band_top), the first one closed above.
+    band_low = (width > kLastBand || std::isinf(vtop)) ? kNegInf : vtop - width;
+    const int64_t band_start = filled;
+    const bool first_band = band_start == 0;
+    for (int64_t i = 0; i < m; ++i) {  // write every class, keep those in the band
+      keys[filled] = descending_key(v[i], i);
+      filled += (v[i] >= band_low) & (first_band | (v[i] < band_top));
+    }
+    const int64_t band_end = filled;
+    // Every partial sum is at most the total (up to the order of summation, far inside
+    // the margin), so when even the total stays under the rate every class is kept. Worth
+    // its m exp() calls only before sorting a large band.
+    if (!total_checked && 4 * (band_end - done) > m) {
+      total_checked = true;
+      double total = 0.0;
+      for (int64_t i = 0; i < m; ++i) total += static_cast<double>(std::exp(v[i]));
+      if (static_cast<float>(total * (1.0 + 1e-11)) < rate) return;
+    }
+    while (done < band_end) {
+      if (done > 0 && !(static_cast<float>(mass) < rate)) break;
+      // A chunk of more than about two thirds of the band's rest is cheaper to sort with
+      // the rest than to select.
+      const int64_t end = 2 * (band_end - done) <= 3 * chunk ? band_end : done + chunk;
+      if (end < band_end)
+        std::nth_element(keys.begin() + done, keys.begin() + end, keys.begin() + band_end);
+      std::sort(keys.begin() + done, keys.begin() + end);
+      float last = 0.0f;
+      const int64_t done0 = done;
+      int64_t r = done;
+      for (; r < end; ++r) {
+        if (r > 0 && !(static_cast<float>(mass) < rate)) break;
+        last = std::exp(v[key_class(keys[r])]);
+        mass += static_cast<double>(last);
+      }
+      done = r;
+      if (r < end) break;
+      // Every class not yet placed has probability <= last, so at least
+      // (rate - mass) / last more are needed; take half as many again, and at least
+      // twice the last chunk, so that the rounds stay few.
+      const double needed = last > 0.0f ? (static_cast<double>(rate) - mass) / last : 1e300;
+      const double next = std::max(2.0 * static_cast<double>(end - done0), 1.5 * needed + 16.0);
+      chunk = next >= static_cast<double>(m) ? m : static_cast<int64_t>(next);
+    }
+    if (done > 0 && !(static_cast<float>(mass) < rate)) cut = done;
+    else if (band_low == kNegInf) return;  // the sum never reached the rate: keep all
+    band_top = band_low;
+    width *= 2.0f;
   }
-  for (; r < m; ++r) v[keys[r] & 0xffffffffu] = kNegInf;
+  // Kept: the first `cut` classes of the order, i.e. those above the last kept one's value,
+  // and those equal to it up to its class (no NaN is left here, and -0.0 == +0.0).
+  const int64_t last_class = key_class(keys[cut - 1]);
+  const float last_value = v[last_class];
+  for (int64_t i = 0; i < m; ++i)
+    if (v[i] < last_value || (v[i] == last_value && i > last_class)) v[i] = kNegInf;
 }
 
 struct Args {
@@ -199,52 +288,11 @@ std::tuple<at::Tensor, at::Tensor> discrete_step_cpu(
     const c10::optional<at::Tensor>& guidance_scale, const at::Tensor& coeffs,
     const c10::optional<at::Tensor>& noise, double truncation_rate, bool write_log_probs) {
   TORCH_CHECK(x_t.device().is_cpu(), "discrete_step_cpu: x_t must be a CPU tensor");
-  TORCH_CHECK(x_t.dim() == 2 && x_t.scalar_type() == at::kLong,
-              "discrete_step: x_t must be an int64 [B, N] tensor");
-  const int64_t B = x_t.size(0), N = x_t.size(1);
-  TORCH_CHECK(cond.dim() == 3 && cond.size(0) == B && cond.size(2) == N && cond.size(1) >= 1,
-              "discrete_step: cond has shape ", cond.sizes(), ", expected [B, K-1, N] with B=", B,
-              ", N=", N);
+  const Checked c = check_args(x_t, cond, uncond, guidance_scale, coeffs, noise);
+  const int64_t B = c.batch, N = c.tokens, M = c.codes, K = M + 1;
+  const bool guided = c.guided, has_noise = c.has_noise;
+  const at::Tensor& scale = c.scale;
   const auto dtype = cond.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "discrete_step: cond must be float32, float16 or bfloat16");
-  const int64_t M = cond.size(1), K = M + 1;
-  const bool guided = uncond.has_value() && uncond->defined();
-  auto on_cpu = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == x_t.device(), "discrete_step: ", name, " is on ", t.device(),
-                " but x_t is on ", x_t.device());
-  };
-  on_cpu(cond, "cond");
-  on_cpu(coeffs, "coeffs");
-  at::Tensor scale;
-  if (guided) {
-    on_cpu(*uncond, "uncond");
-    TORCH_CHECK(uncond->sizes() == cond.sizes(), "discrete_step: uncond has shape ",
-                uncond->sizes(), ", cond ", cond.sizes());
-    TORCH_CHECK(uncond->scalar_type() == dtype, "discrete_step: uncond dtype differs from cond's");
-    TORCH_CHECK(guidance_scale.has_value() && guidance_scale->defined(),
-                "discrete_step: uncond given without guidance_scale");
-    on_cpu(*guidance_scale, "guidance_scale");
-    TORCH_CHECK(guidance_scale->scalar_type() == at::kFloat &&
-                    (guidance_scale->numel() == 1 || guidance_scale->numel() == B),
-                "discrete_step: guidance_scale must have 1 or B=", B, " float32 values");
-    scale = guidance_scale->contiguous();
-  }
-  TORCH_CHECK(coeffs.scalar_type() == at::kFloat, "discrete_step: coeffs must be float32");
-  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(1) == NUM_COEFFS &&
-                  (coeffs.size(0) == 1 || coeffs.size(0) == B),
-              "discrete_step: coeffs must have shape [1 or B, ", int(NUM_COEFFS), "], got ",
-              coeffs.sizes());
-  const bool has_noise = noise.has_value() && noise->defined();
-  if (has_noise) {
-    on_cpu(*noise, "noise");
-    TORCH_CHECK(noise->dim() == 3 && noise->size(0) == B && noise->size(1) == K &&
-                    noise->size(2) == N,
-                "discrete_step: noise has shape ", noise->sizes(), ", expected [B, K, N] = [", B,
-                ", ", K, ", ", N, "]");
-    TORCH_CHECK(noise->scalar_type() == at::kFloat,
-                "discrete_step: noise must be float32 (uniform in [0, 1))");
-  }
 
   at::Tensor tokens = at::empty({B, N}, x_t.options());
   at::Tensor log_probs = write_log_probs ? at::empty({B, K, N}, cond.options().dtype(at::kFloat))

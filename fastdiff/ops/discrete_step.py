@@ -15,6 +15,14 @@ Per token, over its K classes (K - 1 codebook classes, then the mask class):
 Reproducing diffusers' samples: draw u with ``fastdiff.sampling.discrete.gumbel_uniform``
 from the generator diffusers' pipeline would get; it draws the same shapes in the same
 order ([B, K, N] per step, [B, K-1, N] at t = 0), so the tokens are identical.
+
+Implementations (``implementation(device)`` names the one in use): C++ with OpenMP on
+CPU (csrc/discrete_step/discrete_step_cpu.cpp); on CUDA the CUDA C++ kernel
+(discrete_step_cuda.cu), else, or under the "triton" backend, the Triton kernel
+(fastdiff/ops/triton/discrete_step.py; past its MAX_CLASSES the twin serves instead).
+None of them sorts for the truncation: they select the kept prefix of the order. The
+GPU kernels do not check x_t's range (that would need a host sync): a class outside
+[0, K-1] is then treated as the twin treats it, as neither x_t's class nor the mask.
 """
 from __future__ import annotations
 
@@ -44,13 +52,30 @@ def _discrete_step_fake(x_t, cond, uncond, guidance_scale, coeffs, noise, trunca
     return tokens, cond.new_empty(shape, dtype=torch.float32)
 
 
+def _triton_serves(cond: Tensor) -> bool:
+    from .triton import discrete_step as triton_kernel
+    return triton_kernel.AVAILABLE and cond.shape[1] <= triton_kernel.MAX_CLASSES
+
+
+def _cuda_fallback(*args):
+    """CUDA without the compiled kernel: Triton, else (no Triton, or more classes than one
+    Triton program holds) the twin."""
+    if _library.triton_available() and _triton_serves(args[1]):
+        from .triton.discrete_step import discrete_step_triton
+        return discrete_step_triton(*args)
+    return reference.discrete_step(*args)
+
+
 def _register_python_kernels() -> None:
     """Kernels for the dispatch keys the C++ extension did not fill."""
-    for key in ("CPU", "CUDA"):
-        if _library.has_kernel(OP, key):
-            _compiled_keys.add(key)
-        else:
-            torch.library.impl(f"fastdiff::{OP}", key)(reference.discrete_step)
+    if _library.has_kernel(OP, "CPU"):
+        _compiled_keys.add("CPU")
+    else:
+        torch.library.impl(f"fastdiff::{OP}", "CPU")(reference.discrete_step)
+    if _library.has_kernel(OP, "CUDA"):
+        _compiled_keys.add("CUDA")
+    else:
+        torch.library.impl(f"fastdiff::{OP}", "CUDA")(_cuda_fallback)
 
 
 _register_python_kernels()
@@ -58,12 +83,15 @@ _register_python_kernels()
 
 def implementation(device_type: str) -> str:
     """Which implementation serves discrete_step on `device_type` under the current backend."""
-    if _library.get_backend() == "reference":
+    backend = _library.get_backend()
+    if backend == "reference":
         return "reference"
-    if device_type == "cpu" and "CPU" in _compiled_keys:
-        return "C++ (OpenMP)"
-    if device_type == "cuda" and "CUDA" in _compiled_keys:
-        return "CUDA C++"
+    if device_type == "cpu":
+        return "C++ (OpenMP)" if "CPU" in _compiled_keys else "reference"
+    if device_type == "cuda":
+        if "CUDA" in _compiled_keys and backend != "triton":
+            return "CUDA C++"
+        return "Triton" if _library.triton_available() else "reference"
     return "reference"
 
 
@@ -97,6 +125,10 @@ def discrete_step(
     """
     args = (x_t, cond, uncond, guidance_scale, coeffs, noise, float(truncation_rate),
             write_log_probs)
-    if _library.get_backend() == "reference":
+    backend = _library.get_backend()
+    if backend == "reference":
         return reference.discrete_step(*args)
+    if backend == "triton" and x_t.is_cuda:
+        from .triton.discrete_step import discrete_step_triton
+        return discrete_step_triton(*args)
     return torch.ops.fastdiff.discrete_step(*args)
