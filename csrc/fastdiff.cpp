@@ -36,4 +36,9 @@ TORCH_LIBRARY(fastdiff, m) {
       "discrete_step(Tensor x_t, Tensor cond, Tensor? uncond, Tensor? guidance_scale, "
       "Tensor coeffs, Tensor? noise, float truncation_rate, bool write_log_probs) "
       "-> (Tensor, Tensor)");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float? scale) -> Tensor");
+  m.def(
+      "group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor? scale, Tensor? shift, bool silu) -> Tensor");
 }

@@ -84,6 +84,9 @@ def _cmd_generate(args) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.glide is not None:
+        if args.channels_last or args.fuse_qkv:
+            print("error: --channels-last/--fuse-qkv apply to latent diffusion models, not GLIDE", file=sys.stderr)
+            return 2
         return _generate_glide(args, prompts, device, dtype)
     if args.image or args.mask or args.glide_upsampler or args.clip_guidance is not None:
         print("error: --image/--mask/--glide-upsampler/--clip-guidance are GLIDE options; give --glide BASE.pt",
@@ -106,12 +109,17 @@ def _cmd_generate(args) -> int:
         if args.truncation_rate is not None:
             raise ValueError("--truncation-rate is a VQ-Diffusion option; this model is not one")
         guidance = 7.5 if args.guidance is None else args.guidance
+        if args.channels_last:
+            pipe.to(memory_format=torch.channels_last)
+        if args.fuse_qkv:
+            pipe.fuse_qkv_projections()
         start = time.perf_counter()
         images = pipe.generate(prompts, negative_prompt=[args.negative] * len(prompts) if args.negative else None,
                                num_inference_steps=args.steps or 30, guidance_scale=guidance,
                                guidance_rescale=args.guidance_rescale, sampler=args.sampler, eta=args.eta,
                                num_images_per_prompt=args.images_per_prompt, height=args.height, width=args.width,
-                               seed=args.seed, clip_skip=args.clip_skip, progress=not args.no_progress)
+                               seed=args.seed, clip_skip=args.clip_skip, progress=not args.no_progress,
+                               cuda_graph=args.cuda_graph)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -123,7 +131,9 @@ def _generate_vq(args, pipe, prompts) -> int:
     unused = [flag for flag, value in (("--negative", args.negative), ("--sampler", args.sampler),
                                        ("--height", args.height), ("--width", args.width),
                                        ("--clip-skip", args.clip_skip), ("--guidance-rescale", args.guidance_rescale),
-                                       ("--eta", args.eta)) if value]
+                                       ("--eta", args.eta), ("--cuda-graph", args.cuda_graph),
+                                       ("--channels-last", args.channels_last), ("--fuse-qkv", args.fuse_qkv))
+              if value]
     if unused:
         raise ValueError(f"{', '.join(unused)} do not apply to VQ-Diffusion (it samples tokens of a fixed grid "
                          "with its own discrete scheduler)")
@@ -157,7 +167,8 @@ def _generate_glide(args, prompts, device, dtype) -> int:
                                num_inference_steps=args.respacing or (str(args.steps) if args.steps else "100"),
                                upsample_steps=args.upsample_respacing, sampler=args.sampler or "ddpm", eta=args.eta,
                                num_images_per_prompt=args.images_per_prompt, seed=args.seed, image=image, mask=mask,
-                               clip_guidance_scale=args.clip_guidance, progress=not args.no_progress)
+                               clip_guidance_scale=args.clip_guidance, progress=not args.no_progress,
+                               cuda_graph=args.cuda_graph)
     except (FileNotFoundError, ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -255,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights' dtype "
                      "(default: %(default)s; fp16 needs CUDA)")
     gen.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
+    speed = gen.add_argument_group("GPU speed (same images)")
+    speed.add_argument("--cuda-graph", action="store_true", help="capture each sampling step (U-Net on the CFG "
+                       "batch + fused update) as a CUDA graph and replay it; needs --device cuda (latent diffusion "
+                       "and GLIDE)")
+    speed.add_argument("--channels-last", action="store_true", help="run the UNet and VAE in NHWC memory layout "
+                       "(latent diffusion)")
+    speed.add_argument("--fuse-qkv", action="store_true", help="one GEMM for each attention's q/k/v (k/v for "
+                       "cross-attention) projections (latent diffusion)")
     glide = gen.add_argument_group("GLIDE (openai/glide-text2im checkpoints)")
     glide.add_argument("--glide", metavar="BASE_PT", help="GLIDE base checkpoint (base.pt, or base_inpaint.pt "
                        "with --glide-inpaint); 64x64 images, 256x256 with --glide-upsampler")

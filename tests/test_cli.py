@@ -7,6 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 
 from fastdiff.cli import main
 
@@ -133,7 +134,22 @@ def test_generate_bad_input_is_a_clear_error(sd_folder, tmp_path, capsys):
     assert "at least one prompt" in capsys.readouterr().err
     assert main(["generate", "a", "--model", sd_folder, "--truncation-rate", "0.9", "-o", str(tmp_path / "x.png")]) == 2
     assert "VQ-Diffusion option" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "a", "--model", sd_folder, "--cuda-graph", "--device", "cpu",
+                     "-o", str(tmp_path / "x.png")]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_speed_flags_keep_the_image(sd_folder, tmp_path):
+    """--channels-last and --fuse-qkv change the layout and the GEMMs, not the picture."""
+    from PIL import Image
+
+    base = ["generate", "a cat", "--model", sd_folder, "--steps", "3", "--no-progress", "--device", "cpu"]
+    assert main(base + ["-o", str(tmp_path / "plain.png")]) == 0
+    assert main(base + ["--channels-last", "--fuse-qkv", "-o", str(tmp_path / "fast.png")]) == 0
+    plain, fast = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("plain", "fast"))
+    assert np.abs(plain - fast).max() <= 1
 
 
 def test_generate_help_explains_every_option(capsys):
@@ -141,5 +157,6 @@ def test_generate_help_explains_every_option(capsys):
         main(["generate", "--help"])
     out = capsys.readouterr().out
     for option in ["--model", "--steps", "--guidance", "--sampler", "--seed", "--output", "--prompts-file",
-                   "--negative", "--height", "--images-per-prompt", "--dtype", "--no-progress", "--truncation-rate"]:
+                   "--negative", "--height", "--images-per-prompt", "--dtype", "--no-progress", "--truncation-rate",
+                   "--cuda-graph", "--channels-last", "--fuse-qkv"]:
         assert option in out

@@ -50,6 +50,22 @@ def test_same_images_as_diffusers(pipes, sampler, guidance):
     assert want.std() > 0.01  # the images are not flat, so equality means something
 
 
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])
+def test_same_images_with_every_speed_switch(pipes, sampler):
+    """Channels-last, fused q/k/v projections and the fused kernels (group_norm, attention,
+    guided_step) on, in fp32 on the CPU: still diffusers' images."""
+    folder, ref, _ = pipes
+    fast = fastdiff.Pipeline.from_pretrained(folder).to(memory_format=torch.channels_last).fuse_qkv_projections()
+    with_scheduler(ref, sampler)
+    latents = latents_for(ref)
+    want = ref(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5,
+               latents=latents.clone(), output_type="pt", generator=torch.Generator().manual_seed(1)).images
+    got = fast.generate(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5,
+                        sampler=sampler, latents=latents.clone(), output_type="pt", progress=False,
+                        generator=torch.Generator().manual_seed(1))
+    assert (got - want).abs().max().item() <= 2e-3
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_guidance_rescale(pipes, sampler):
     got, want = run_both(pipes, sampler, 7.5, rescale=0.7)
@@ -243,3 +259,27 @@ def test_pipeline_without_arguments_names_what_is_missing(monkeypatch, tmp_path)
         fastdiff.Pipeline()
     with pytest.raises(TypeError, match="from_pretrained"):
         fastdiff.Pipeline("some/path")
+
+
+@pytest.mark.cuda
+def test_fp16_on_the_gpu_is_as_close_to_fp32_as_diffusers_fp16(pipes):
+    """With every kernel and switch on (Triton attention, CUDA group_norm, channels-last, fused
+    q/k/v, CUDA graphs), fastdiff's fp16 images stay as close to the fp32 ones as diffusers' do."""
+    folder, _, _ = pipes
+    latents = latents_for(None)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=7.5, output_type="pt")
+
+    def run_diffusers(dtype):
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+        ref.set_progress_bar_config(disable=True)
+        ref = with_scheduler(ref.to("cuda"), "dpmpp_2m")
+        return ref(PROMPTS, latents=latents.to("cuda", dtype), **kw).images.float()
+
+    exact = run_diffusers(torch.float32)
+    theirs = (run_diffusers(torch.float16) - exact).abs().max().item()
+    fast = fastdiff.Pipeline.from_pretrained(folder, device="cuda", dtype=torch.float16)
+    fast.to(memory_format=torch.channels_last).fuse_qkv_projections()
+    got = fast.generate(PROMPTS, sampler="dpmpp_2m", latents=latents.to("cuda", torch.float16), progress=False,
+                        cuda_graph=True, **kw).float()
+    mine = (got - exact).abs().max().item()
+    assert mine <= 2 * theirs + 1e-3, (mine, theirs)

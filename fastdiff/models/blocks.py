@@ -176,9 +176,49 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(dropout)])
+        self.is_cross = cross_attention_dim is not None
+        self.fused: Optional[nn.Linear] = None  # see fuse_projections
 
     def _split_heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One GEMM instead of three (q, k, v of self-attention) or two (k, v of cross-attention).
+
+        The weights are concatenated into ``fused`` and to_q/to_k/to_v are dropped (to_q
+        stays for cross-attention), so this is for inference: the state dict changes. The
+        heads are then strided views of the one output; the attention kernels read them
+        without a copy.
+        """
+        if self.fused is not None:
+            return
+        parts = [self.to_k, self.to_v] if self.is_cross else [self.to_q, self.to_k, self.to_v]
+        first = parts[0].weight
+        fused = nn.Linear(first.shape[1], sum(p.weight.shape[0] for p in parts), bias=parts[0].bias is not None,
+                          device=first.device, dtype=first.dtype)
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        self.fused = fused
+        del self.to_k, self.to_v
+        if not self.is_cross:
+            del self.to_q
+
+    def _project(self, x: Tensor, context: Optional[Tensor]):
+        if self.fused is None:
+            src = x if context is None else context
+            return tuple(self._split_heads(proj(inp)) for proj, inp in
+                         ((self.to_q, x), (self.to_k, src), (self.to_v, src)))
+        if self.is_cross:
+            if context is None:
+                raise ValueError("this cross-attention layer needs a context")
+            kv = self.fused(context).unflatten(-1, (2, self.heads, self.dim_head)).permute(0, 2, 3, 1, 4)
+            return self._split_heads(self.to_q(x)), kv[:, 0], kv[:, 1]
+        if context is not None:
+            raise ValueError("this self-attention layer's projections are fused; it takes no context")
+        qkv = self.fused(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(0, 2, 3, 1, 4)  # [B, 3, H, L, D]
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -189,9 +229,7 @@ class Attention(nn.Module):
         if spatial:
             batch, channels, height, width = x.shape
             x = x.flatten(2).transpose(1, 2)
-        context = x if context is None else context
-        q, k, v = (self._split_heads(proj(src)) for proj, src in
-                   ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        q, k, v = self._project(x, context)
         dtype = q.dtype
         if self.upcast_attention:
             q, k, v = q.float(), k.float(), v.float()

@@ -2,6 +2,8 @@
 
 ``fastdiff.ops.guided_step``  fused CFG + sampler update + noise (see coeffs.py)
 ``fastdiff.ops.discrete_step`` VQ-Diffusion's token step: log-space CFG, truncation, q-posterior, Gumbel
+``fastdiff.ops.attention``    flash-style attention (Triton on CUDA, SDPA on CPU)
+``fastdiff.ops.group_norm``   GroupNorm + scale-shift + SiLU, fused (C++ on CPU, CUDA C++ / Triton on CUDA)
 ``fastdiff.ops.reference``    the twins, the oracle for every kernel
 """
 from . import _library, coeffs, reference

@@ -28,6 +28,11 @@ SCHEMAS = {
         "Tensor coeffs, Tensor? noise, float truncation_rate, bool write_log_probs) "
         "-> (Tensor, Tensor)"
     ),
+    "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float? scale) -> Tensor",
+    "group_norm": (
+        "group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+        "Tensor? scale, Tensor? shift, bool silu) -> Tensor"
+    ),
 }
 
 BACKENDS = ("auto", "reference", "triton")

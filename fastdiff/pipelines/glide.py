@@ -198,7 +198,7 @@ class GlidePipeline(Pipeline):
 
     def _run_stage(self, model: Text2ImUNet, denoiser, x: Tensor, sampler: str, steps, *, eta: float,
                    clip_denoised: bool, draws: _GlideDraws, cond_fn, callback, progress: bool, stage: str,
-                   denoised_fn=None):
+                   denoised_fn=None, cuda_graph: bool = False):
         stage_callback = None
         if callback is not None:
             def stage_callback(info):
@@ -209,7 +209,7 @@ class GlidePipeline(Pipeline):
                     if sampler == "ddpm" else respaced_ddim_plan(schedule, eta, clip_denoised))
             plan.name = f"{stage} ({sampler})"
             out = run_plan(denoiser, x, plan, noise=draws, callback=stage_callback, progress=progress,
-                           cond_fn=cond_fn, denoised_fn=denoised_fn)
+                           cond_fn=cond_fn, denoised_fn=denoised_fn, cuda_graph=cuda_graph)
             draws.finish(len(plan.steps), x.shape)
             return out
         if cond_fn is not None:
@@ -225,7 +225,7 @@ class GlidePipeline(Pipeline):
             raise ValueError(f"sampler {sampler!r} takes a step count, not the respacing {steps!r} "
                              f"(respacings are for ddpm and ddim)")
         return sample(sampler, denoiser, x, config, int(steps), generator=draws.generator, progress=progress,
-                      callback=stage_callback)
+                      callback=stage_callback, cuda_graph=cuda_graph)
 
     # ------------------------------------------------------------------ generation
 
@@ -253,9 +253,13 @@ class GlidePipeline(Pipeline):
         output_type: str = "pil",
         progress: bool = True,
         callback: Optional[Callable] = None,
+        cuda_graph: bool = False,
     ):
         """Images for `prompt`: 64 px from the base model, 256 px when an upsampler is loaded
         and upsample=True.
+
+        cuda_graph=True replays each step from a captured CUDA graph (same images; not with
+        CLIP/classifier guidance or inpainting, which run user code inside the step).
 
         num_inference_steps / upsample_steps: a GLIDE respacing ("100", "fast27", "ddim50",
         "10,10,3,2,2") for the ddpm and ddim samplers, a step count for the others. image +
@@ -300,7 +304,7 @@ class GlidePipeline(Pipeline):
         guidance_fn = self._guidance_fn(prompts, clip_guidance_scale, cond_fn)
         x = self._run_stage(self.base, denoiser, x, sampler, num_inference_steps, eta=eta,
                             clip_denoised=clip_denoised, draws=draws, cond_fn=guidance_fn, callback=callback,
-                            progress=progress, stage="base", denoised_fn=paste)
+                            progress=progress, stage="base", denoised_fn=paste, cuda_graph=cuda_graph)
 
         # --- upsampler stage
         if upsample and self.upsampler is not None:
@@ -319,7 +323,7 @@ class GlidePipeline(Pipeline):
             x = up_draws.draw((n, 3, up_size, up_size)) * float(upsample_temp)
             x = self._run_stage(up, up_denoiser, x, up_sampler, upsample_steps, eta=eta, clip_denoised=clip_denoised,
                                 draws=up_draws, cond_fn=None, callback=callback, progress=progress, stage="upsampler",
-                                denoised_fn=up_paste)
+                                denoised_fn=up_paste, cuda_graph=cuda_graph)
         images = ((x.float() + 1) / 2).clamp(0, 1)
         return to_output(images, output_type)
 

@@ -63,7 +63,8 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
              noise: Optional[Callable[[int, Tensor], Tensor]] = None,
              callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = True,
              x_is_noise: bool = True, cond_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-             denoised_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
+             denoised_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+             cuda_graph: bool = False) -> Tensor:
     """Execute a plan: one model call and one fused guided_step per step, no host syncs.
 
     x is unit starting noise (scaled by the plan's init_scale), or with x_is_noise=False
@@ -72,9 +73,17 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
     denoised_fn(x0, t) -> x0 edits each step's x0 prediction before it is clipped and
     used (e.g. inpainting pastes the known pixels in); the step then runs as two op
     calls, x0 first, and the edited x0 enters the update as a history operand.
+
+    cuda_graph=True captures a whole step (model call + guided_step) as a CUDA graph
+    per step signature and replays it (fastdiff/sampling/graphs.py): same samples, no
+    per-launch host overhead. The model must not read device values on the host. Not
+    with cond_fn or denoised_fn (they run user code between the step's parts).
     """
     if not plan.steps:
         raise ValueError("nothing to sample: the plan has no steps")
+    if cuda_graph and (cond_fn is not None or denoised_fn is not None):
+        raise ValueError("cuda_graph=True cannot capture cond_fn or denoised_fn (user code inside the step); "
+                         "run those without cuda_graph")
     if not torch.is_floating_point(x):
         raise TypeError(f"the starting sample must be a floating-point tensor, got {x.dtype}")
     device = x.device
@@ -117,6 +126,9 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
 
     if x_is_noise and plan.init_scale != 1.0:
         x = x * plan.init_scale
+    if cuda_graph:
+        return _run_graphed(denoiser, x, plan, rows, ts, x0_rows, generator=generator, noise=noise,
+                            callback=callback, progress=progress)
     store = {}
     last_use = _last_uses(plan.steps)
     bar = None
@@ -166,6 +178,64 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
         if bar is not None:
             bar.close()
     return x
+
+
+# How run_plan(cuda_graph=True) captures a step: fastdiff.sampling.graphs.default_capture
+# (CUDA graphs); tests on machines without a GPU swap in graphs.EagerCapture.
+_capture_factory = None
+
+
+def _run_graphed(denoiser: Denoiser, x: Tensor, plan: S.Plan, rows: Tensor, ts: Tensor, x0_rows: Optional[Tensor],
+                 *, generator, noise, callback, progress) -> Tensor:
+    """run_plan's loop with each step replayed from a captured graph (see graphs.py)."""
+    from .graphs import StepGraphs, default_capture
+
+    capture = (_capture_factory or default_capture)(x.device)
+    # The whole run's noise first, in the eager loop's order: same generator, same draws.
+    draws = {i: (noise(i, x) if noise is not None else _randn(x, generator))
+             for i, s in enumerate(plan.steps) if s.noise}
+    want_x0 = callback is not None and plan.denoised_is_x0
+
+    def body(x_in, t, row, z, history):
+        out = as_model_output(denoiser(x_in, t))
+        x_next, den = guided_step(x_in, out.cond, out.uncond, out.scale, coeffs=row, noise=z, history=history,
+                                  clip_range=plan.clip_range, learned_variance=plan.learned_variance,
+                                  write_denoised=write_den[0])
+        return out.cond, out.uncond, out.scale, x_next, den
+
+    write_den = [False]  # read by body while it is captured: part of the step's signature
+    graphs = StepGraphs(body, x, ts[0], capture)
+    store = {}
+    last_use = _last_uses(plan.steps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(plan.steps), desc=plan.name or "sampling", leave=False)
+    try:
+        for i, step in enumerate(plan.steps):
+            write_den[0] = step.write_denoised or want_x0
+            width = len(step.row)
+            signature = (step.noise, len(step.history), write_den[0], width)
+            cond, uncond, scale, x_next, den = graphs.run(signature, rows[i : i + 1, :width], draws.get(i),
+                                                          [store[ref] for ref in step.history], ts[i])
+            if ("x", i) in last_use:
+                store[("x", i)] = graphs.x.clone()
+            if ("den", i) in last_use:
+                store[("den", i)] = den.clone()
+            for ref in [r for r, last in last_use.items() if last == i]:
+                store.pop(ref, None)
+            draws.pop(i, None)
+            if callback is not None:
+                x0 = den if plan.denoised_is_x0 else guided_step(
+                    graphs.x, cond, uncond, scale, coeffs=x0_rows[i : i + 1], clip_range=plan.clip_range)[0]
+                callback(StepInfo(i, len(plan.steps), ts[i], x_next.clone(), x0.clone()))
+            graphs.x.copy_(x_next)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return graphs.x.clone()
 
 
 def _guidance_shift(grad: Tensor, mode: str, out: ModelOutput, x: Tensor, row: Tensor,

@@ -1,0 +1,270 @@
+"""Flash-style attention forward as one Triton kernel.
+
+One program owns BLOCK_M queries of one (batch, head) and streams the keys and values
+in tiles of BLOCK_N, keeping a running maximum and sum of the softmax (online softmax),
+so no Lq x Lk matrix ever exists in memory. Accumulation is float32 whatever the
+storage dtype; the probabilities are cast to V's dtype for the second product, as every
+flash kernel does. (Triton's CPU interpreter cannot multiply bf16 tiles, so there, and only
+there, bf16 tiles are widened to fp32 before each product; the roundings are the same.)
+
+Head dimensions that are not a power of two (SD 1.5's 40/80/160, VQ-Diffusion's 88)
+are split into two power-of-two parts D0 + D1 instead of being padded to the next
+power of two: 80 = 64 + 16 and 160 = 128 + 32 exactly, 40 -> 32 + 16 and 88 -> 64 + 32
+with a few padded lanes. The products q.k over the two parts add up; P.v writes two
+accumulators. Padding 80 to 128 would waste 37% of the tensor-core work.
+
+Short key sequences (cross-attention to 77 CLIP or 128 GLIDE tokens) fit on chip in one
+tile: the loop then runs once and needs no rescaling.
+
+Inputs may have any strides (views of a fused projection, transposed heads); the output
+is written as [B, Lq, H, D] memory and returned as a [B, H, Lq, D] view, so the caller's
+``transpose(1, 2).flatten(2)`` back to tokens is free. The host side reads only
+metadata (no .item(), no copies to the host), so a call can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+AVAILABLE = triton is not None
+
+MAX_HEAD_DIM = 256
+_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535
+_LOG2E = 1.4426950408889634
+
+
+def split_head_dim(d: int) -> Tuple[int, int]:
+    """Two power-of-two tile widths (D0, D1), D1 = 0 or >= 16, covering d with least padding."""
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dimension {d} is outside 1..{MAX_HEAD_DIM}")
+    d0 = max(16, 1 << (d.bit_length() - 1))  # the largest power of two <= d (tl.dot needs >= 16)
+    if d0 >= d:
+        return d0, 0
+    rest = d - d0
+    d1 = max(16, 1 << (rest - 1).bit_length())
+    if d1 >= d0:  # e.g. 250 = 128 + 122 -> 128 + 128 would equal padding to 256
+        return 2 * d0, 0
+    return d0, d1
+
+
+def launch_config(lq: int, lk: int, d0: int, d1: int, on_gpu: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a problem.
+
+    Heuristics for sm_80/sm_90, not yet tuned on a GPU (see benchmarks/RESULTS.md).
+    Under the interpreter the tile sizes only change how many numpy products run.
+    """
+    width = d0 + d1
+    block_m = 128 if width <= 128 else 64
+    block_m = min(block_m, max(16, triton.next_power_of_2(lq)))
+    if lk <= 128:  # the whole K/V of a cross-attention in one tile
+        block_n = max(16, triton.next_power_of_2(lk))
+    else:
+        block_n = 64 if width <= 128 else 32
+    num_warps = 8 if block_m * width >= 128 * 128 else 4
+    num_stages = 3 if width <= 128 else 2
+    if not on_gpu:
+        num_stages = 1
+    return block_m, block_n, num_warps, num_stages
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _attention_fwd(
+        Q, K, V, O, MASK,
+        s_qb, s_qh, s_qm, s_qd,
+        s_kb, s_kh, s_kn, s_kd,
+        s_vb, s_vh, s_vn, s_vd,
+        s_ob, s_oh, s_om, s_od,
+        s_mb, s_mn,
+        H, LQ, LK, qk_scale,
+        D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_KV: tl.constexpr, IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        Q += b * s_qb + h * s_qh
+        K += b * s_kb + h * s_kh
+        V += b * s_vb + h * s_vh
+        O += b * s_ob + h * s_oh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d0 = tl.arange(0, D0)
+        row_ok = offs_m < LQ
+        d0_ok = offs_d0 < D
+        q0 = tl.load(Q + offs_m[:, None] * s_qm + offs_d0[None, :] * s_qd,
+                     mask=row_ok[:, None] & d0_ok[None, :], other=0.0)
+        if UPCAST:
+            q0 = q0.to(tl.float32)
+        acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+        if D1 > 0:
+            offs_d1 = D0 + tl.arange(0, D1)
+            d1_ok = offs_d1 < D
+            q1 = tl.load(Q + offs_m[:, None] * s_qm + offs_d1[None, :] * s_qd,
+                         mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
+            if UPCAST:
+                q1 = q1.to(tl.float32)
+            acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+        for start_n in range(0, LK, BLOCK_N):
+            offs_n = start_n + offs_n0
+            col_ok = offs_n < LK
+            # K tile loaded transposed, [D0, BLOCK_N], for q @ k^T.
+            if EVEN_KV:
+                k0 = tl.load(K + offs_n[None, :] * s_kn + offs_d0[:, None] * s_kd)
+            else:
+                k0 = tl.load(K + offs_n[None, :] * s_kn + offs_d0[:, None] * s_kd,
+                             mask=col_ok[None, :] & d0_ok[:, None], other=0.0)
+            if UPCAST:
+                k0 = k0.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q0, k0, input_precision="ieee")
+            else:
+                s = tl.dot(q0, k0)
+            if D1 > 0:
+                if EVEN_KV:
+                    k1 = tl.load(K + offs_n[None, :] * s_kn + offs_d1[:, None] * s_kd)
+                else:
+                    k1 = tl.load(K + offs_n[None, :] * s_kn + offs_d1[:, None] * s_kd,
+                                 mask=col_ok[None, :] & d1_ok[:, None], other=0.0)
+                if UPCAST:
+                    k1 = k1.to(tl.float32)
+                if IEEE:
+                    s += tl.dot(q1, k1, input_precision="ieee")
+                else:
+                    s += tl.dot(q1, k1)
+            s = s * qk_scale
+            if HAS_MASK:
+                keep = tl.load(MASK + b * s_mb + offs_n * s_mn, mask=col_ok, other=0)
+                s = tl.where((col_ok & (keep != 0))[None, :], s, float("-inf"))
+            elif not EVEN_N:
+                s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no attendable key so far keeps m = -inf; subtract 0 instead so
+            # that exp2 gives 0 rather than NaN.
+            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_base)
+            p = tl.exp2(s - m_base[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+
+            if EVEN_KV:
+                v0 = tl.load(V + offs_n[:, None] * s_vn + offs_d0[None, :] * s_vd)
+            else:
+                v0 = tl.load(V + offs_n[:, None] * s_vn + offs_d0[None, :] * s_vd,
+                             mask=col_ok[:, None] & d0_ok[None, :], other=0.0)
+            p_v = p.to(v0.dtype)
+            if UPCAST:
+                v0 = v0.to(tl.float32)
+                p_v = p_v.to(tl.float32)
+            if IEEE:
+                acc0 = acc0 * alpha[:, None] + tl.dot(p_v, v0, input_precision="ieee")
+            else:
+                acc0 = acc0 * alpha[:, None] + tl.dot(p_v, v0)
+            if D1 > 0:
+                if EVEN_KV:
+                    v1 = tl.load(V + offs_n[:, None] * s_vn + offs_d1[None, :] * s_vd)
+                else:
+                    v1 = tl.load(V + offs_n[:, None] * s_vn + offs_d1[None, :] * s_vd,
+                                 mask=col_ok[:, None] & d1_ok[None, :], other=0.0)
+                if UPCAST:
+                    v1 = v1.to(tl.float32)
+                if IEEE:
+                    acc1 = acc1 * alpha[:, None] + tl.dot(p_v, v1, input_precision="ieee")
+                else:
+                    acc1 = acc1 * alpha[:, None] + tl.dot(p_v, v1)
+
+        # Queries whose keys are all masked out have acc = 0 and l = 0: they get zeros,
+        # as the twin gives.
+        inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
+        out0 = acc0 * inv_l[:, None]
+        tl.store(O + offs_m[:, None] * s_om + offs_d0[None, :] * s_od, out0.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & d0_ok[None, :])
+        if D1 > 0:
+            out1 = acc1 * inv_l[:, None]
+            tl.store(O + offs_m[:, None] * s_om + offs_d1[None, :] * s_od, out1.to(O.dtype.element_ty),
+                     mask=row_ok[:, None] & d1_ok[None, :])
+
+
+def check_supported(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    """Why the kernel cannot serve these operands, or None when it can."""
+    if not AVAILABLE:
+        return "Triton is not installed"
+    if q.dtype not in _STORAGE_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (needs one of fp32/fp16/bf16 for all three)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dimension {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        return f"batch x heads = {q.shape[0] * q.shape[1]} > {_MAX_GRID_Y}"
+    return None
+
+
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+                     scale: Optional[float] = None, out: Optional[Tensor] = None) -> Tensor:
+    """softmax(q k^T * scale) v for [B, H, L, D] operands of any strides; mask [B, Lk], True = keep.
+
+    ``out``: an optional [B, H, Lq, D] tensor of q's dtype (any strides) to write into;
+    by default a new one is made with [B, Lq, H, D] memory. Shapes are checked by
+    ``fastdiff.ops.attention``; this function assumes them.
+    """
+    reason = check_supported(q, k, v)
+    if reason is not None:
+        raise RuntimeError(f"attention_triton: unsupported operands: {reason}")
+    batch, heads, lq, d = q.shape
+    lk = k.shape[2]
+    scale = d ** -0.5 if scale is None else float(scale)
+    if out is None:
+        out = torch.empty((batch, lq, heads, d), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"attention_triton: out must be {tuple(q.shape)} {q.dtype} on {q.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.numel() == 0:
+        return out
+    if lk == 0:
+        return out.zero_()
+    d0, d1 = split_head_dim(d)
+    block_m, block_n, num_warps, num_stages = launch_config(lq, lk, d0, d1, q.is_cuda)
+    if key_padding_mask is not None:
+        mask = key_padding_mask
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)  # same bytes, a dtype every Triton version loads
+        mask_args = (mask, mask.stride(0), mask.stride(1))
+    else:
+        mask_args = (q, 0, 0)  # never read
+    grid = (triton.cdiv(lq, block_m), batch * heads)
+    _attention_fwd[grid](
+        q, k, v, out, mask_args[0],
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask_args[1], mask_args[2],
+        heads, lq, lk, scale * _LOG2E,
+        D=d, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_MASK=key_padding_mask is not None, EVEN_N=lk % block_n == 0,
+        EVEN_KV=lk % block_n == 0 and d == d0 + d1,
+        IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def flops(batch: int, heads: int, lq: int, lk: int, d: int) -> float:
+    """Floating-point operations of one forward (the two products), for TFLOP/s figures."""
+    return 4.0 * batch * heads * lq * lk * d
+
+
+__all__ = ["AVAILABLE", "MAX_HEAD_DIM", "attention_triton", "check_supported", "flops", "launch_config",
+           "split_head_dim"]

@@ -1,0 +1,171 @@
+"""Whole-step CUDA graphs for the sampling loop, and a guard against host syncs.
+
+A sampling step is one model call (the CFG batch of 2N) plus one fused ``guided_step``.
+Its launches depend on the step only through device tensors — the timestep, the row of
+coefficients, the noise, the multistep history — so one capture serves every step of
+the same *signature* (noise or not, how many history operands, whether x0 is written,
+the row's width): a DDIM run captures one graph, DPM-Solver++(2M) two (first order, then
+second order). Before each replay the step's operands are copied into the graph's static
+input buffers (device-to-device), and the outputs are read from its static output buffers.
+
+Noise is drawn for the whole run before the loop, in the order the eager loop draws it,
+so a seed gives the same samples with and without graphs. Nothing in the loop reads a
+device value on the host: a model that does (``.item()``, ``bool(tensor)``, a copy to the
+host) fails the warm-up with an error naming the read, and could not be captured anyway.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+Outputs = Tuple[Optional[Tensor], ...]
+
+
+class HostSyncError(RuntimeError):
+    """A device value was read on the host inside a region that must not synchronise."""
+
+
+_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def forbid_host_sync(what: str = "a sampling step") -> Iterator[None]:
+    """Inside, reading a tensor's value on the host raises HostSyncError.
+
+    Catches ``.item()``, ``.tolist()``, ``.numpy()``, ``bool()/int()/float()`` of a tensor
+    and ``.cpu()`` of a CUDA tensor on every device (on a CPU they are not syncs, but the
+    same code on a GPU would be), and on CUDA also sets torch's sync debug mode to "error",
+    which flags the syncs that happen inside C++ (e.g. a device-to-host copy).
+    Not thread-safe: it patches torch.Tensor for the duration.
+    """
+    saved = {name: getattr(torch.Tensor, name) for name in _READS + ("cpu",)}
+    own = {name for name in saved if name in vars(torch.Tensor)}  # else inherited from TensorBase
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise HostSyncError(f"{what} read a tensor on the host (Tensor.{name}); a step must stay on the "
+                                "device to be captured in a CUDA graph")
+        return method
+
+    def cpu(self, *args, **kwargs):
+        if self.device.type != "cpu":
+            raise HostSyncError(f"{what} copied a {self.device.type} tensor to the host (Tensor.cpu)")
+        return saved["cpu"](self, *args, **kwargs)
+
+    debug_mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else None
+    try:
+        for name in _READS:
+            setattr(torch.Tensor, name, refuse(name))
+        torch.Tensor.cpu = cpu
+        if debug_mode is not None:
+            torch.cuda.set_sync_debug_mode("error")
+        yield
+    finally:
+        for name, method in saved.items():
+            if name in own:
+                setattr(torch.Tensor, name, method)
+            elif name in vars(torch.Tensor):
+                delattr(torch.Tensor, name)
+        if debug_mode is not None:
+            torch.cuda.set_sync_debug_mode(debug_mode)
+
+
+class Capture:
+    """How a step body becomes a replayable graph: ``capture(body) -> (outputs, replay)``."""
+
+    def __call__(self, body: Callable[[], Outputs]) -> Tuple[Outputs, Callable[[], None]]:
+        raise NotImplementedError
+
+
+class CUDAGraphCapture(Capture):
+    """torch.cuda.CUDAGraph, all graphs of a run in one memory pool."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, body):
+        # Warm-up on a side stream, as torch.cuda.graphs asks: the first call may do lazy
+        # one-time work (Triton compiles, a guidance scale copied to the device once); the
+        # second must already be free of host syncs. Their outputs are discarded.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            body()
+            with forbid_host_sync("a step being prepared for capture"):
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = body()
+        return outputs, graph.replay
+
+
+class EagerCapture(Capture):
+    """Replays by running the body again and copying into the first outputs.
+
+    The CPU stand-in for CUDAGraphCapture: the same static-buffer bookkeeping, so tests
+    on a machine without a GPU check everything but the capture itself.
+    """
+
+    def __call__(self, body):
+        body()  # as CUDAGraphCapture: one unguarded warm-up call, then the guarded one
+        with forbid_host_sync("a step being prepared for capture"):
+            outputs = body()
+
+        def replay():
+            for static, fresh in zip(outputs, body()):
+                if static is not None:
+                    static.copy_(fresh)
+        return outputs, replay
+
+
+def default_capture(device: torch.device) -> Capture:
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device; the sample is on {device}")
+    return CUDAGraphCapture(device)
+
+
+class StepGraphs:
+    """One captured graph per step signature, with its static input buffers.
+
+    ``body(x, t, row, noise, history) -> outputs`` is the step; the static ``x`` and ``t``
+    are shared by all signatures, the row, noise and history buffers belong to each.
+    """
+
+    def __init__(self, body: Callable[..., Outputs], x: Tensor, t: Tensor, capture: Capture):
+        self.body, self.capture = body, capture
+        self.x = x.clone()
+        self.t = t.clone()
+        self.noise: Optional[Tensor] = None
+        self._graphs: Dict[tuple, tuple] = {}
+
+    def run(self, signature: tuple, row: Tensor, noise: Optional[Tensor], history: Sequence[Tensor],
+            t: Tensor) -> Outputs:
+        """Fill the static inputs with this step's operands, replay, return the static outputs."""
+        entry = self._graphs.get(signature)
+        if entry is None:
+            static_row = row.clone()
+            static_hist: List[Tensor] = [h.clone() for h in history]
+            if noise is not None and self.noise is None:
+                self.noise = noise.clone()
+            self.t.copy_(t)
+            static_noise = self.noise if noise is not None else None
+            outputs, replay = self.capture(lambda: self.body(self.x, self.t, static_row, static_noise, static_hist))
+            entry = self._graphs[signature] = (static_row, static_hist, outputs, replay)
+        static_row, static_hist, outputs, replay = entry
+        self.t.copy_(t)
+        static_row.copy_(row)
+        if noise is not None:
+            self.noise.copy_(noise)
+        for buf, h in zip(static_hist, history):
+            buf.copy_(h)
+        replay()
+        return outputs
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
