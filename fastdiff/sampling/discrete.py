@@ -137,7 +137,7 @@ def sample_discrete(denoise, x: torch.Tensor, config, num_inference_steps: int, 
     and, as ``x0``, the argmax tokens of the step's guided, truncated p(x0 | x_t).
     """
     from ..ops import discrete_step
-    from .samplers import StepInfo
+    from .samplers import StepInfo, progress_bar
 
     if not isinstance(config, DiscreteScheduleConfig):
         config = DiscreteScheduleConfig.from_dict(config)
@@ -156,11 +156,7 @@ def sample_discrete(denoise, x: torch.Tensor, config, num_inference_steps: int, 
     if guidance_scale is not None and guidance_scale > 1.0:
         scale = torch.tensor([float(guidance_scale)], dtype=torch.float32, device=device)
     draw_device = generator.device if generator is not None else device
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(timesteps), desc="vq-diffusion", leave=False)
-    try:
+    with progress_bar(len(timesteps), "vq-diffusion", progress) as tick:
         for i, t in enumerate(timesteps):
             cond, uncond = denoise(x, ts[i : i + 1])
             if (uncond is None) != (scale is None):
@@ -173,9 +169,5 @@ def sample_discrete(denoise, x: torch.Tensor, config, num_inference_steps: int, 
                 x0 = discrete_step(x, cond, uncond, scale, coeffs=x0_row, truncation_rate=truncation_rate)[0]
                 callback(StepInfo(i, len(timesteps), ts[i], x_prev, x0, stage="vq-diffusion"))
             x = x_prev
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            tick()
     return x

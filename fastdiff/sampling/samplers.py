@@ -16,8 +16,9 @@ returns the final sample. All of them share the conventions:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -49,6 +50,32 @@ def _randn(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     device = generator.device if generator is not None else like.device
     z = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
     return z.to(like.device)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A tqdm bar over `total` model calls, closed however the loop ends; yields its tick.
+    Disabled, it yields a tick that does nothing."""
+    if not enabled:
+        yield lambda: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False)
+    try:
+        yield lambda: bar.update(1)
+    finally:
+        bar.close()
+
+
+def _keep_history(store: dict, last_use: dict, i: int, x: Tensor, den: Tensor, copy: bool = False) -> None:
+    """Keep step i's input and x0 where a later step's history reads them (copies when the
+    tensors are buffers the next step overwrites), and drop what no later step reads."""
+    for ref, value in ((("x", i), x), (("den", i), den)):
+        if ref in last_use:
+            store[ref] = value.clone() if copy else value
+    for ref in [r for r, last in last_use.items() if last == i]:
+        store.pop(ref, None)
 
 
 def _last_uses(steps) -> dict:
@@ -131,11 +158,7 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
                             callback=callback, progress=progress)
     store = {}
     last_use = _last_uses(plan.steps)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(plan.steps), desc=plan.name or "sampling", leave=False)
-    try:
+    with progress_bar(len(plan.steps), plan.name or "sampling", progress) as tick:
         for i, step in enumerate(plan.steps):
             out = as_model_output(denoiser(x, ts[i]))
             z = None
@@ -160,23 +183,14 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
                 x_next = x_next + _guidance_shift(cond_fn(x, ts[i]), guidance, out, x, rows[i],
                                                   None if grad_coeffs is None else grad_coeffs[i],
                                                   plan.learned_variance)
-            if ("x", i) in last_use:
-                store[("x", i)] = x
-            if ("den", i) in last_use:
-                store[("den", i)] = den
-            for ref in [r for r, last in last_use.items() if last == i]:
-                store.pop(ref, None)
+            _keep_history(store, last_use, i, x, den)
             if callback is not None:
                 x0 = den if plan.denoised_is_x0 else guided_step(
                     x, out.cond, out.uncond, out.scale, coeffs=x0_rows[i : i + 1],
                     clip_range=plan.clip_range)[0]
                 callback(StepInfo(i, len(plan.steps), ts[i], x_next, x0))
             x = x_next
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            tick()
     return x
 
 
@@ -207,34 +221,21 @@ def _run_graphed(denoiser: Denoiser, x: Tensor, plan: S.Plan, rows: Tensor, ts: 
     graphs = StepGraphs(body, x, ts[0], capture)
     store = {}
     last_use = _last_uses(plan.steps)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(plan.steps), desc=plan.name or "sampling", leave=False)
-    try:
+    with progress_bar(len(plan.steps), plan.name or "sampling", progress) as tick:
         for i, step in enumerate(plan.steps):
             write_den[0] = step.write_denoised or want_x0
             width = len(step.row)
             signature = (step.noise, len(step.history), write_den[0], width)
             cond, uncond, scale, x_next, den = graphs.run(signature, rows[i : i + 1, :width], draws.get(i),
                                                           [store[ref] for ref in step.history], ts[i])
-            if ("x", i) in last_use:
-                store[("x", i)] = graphs.x.clone()
-            if ("den", i) in last_use:
-                store[("den", i)] = den.clone()
-            for ref in [r for r, last in last_use.items() if last == i]:
-                store.pop(ref, None)
+            _keep_history(store, last_use, i, graphs.x, den, copy=True)
             draws.pop(i, None)
             if callback is not None:
                 x0 = den if plan.denoised_is_x0 else guided_step(
                     graphs.x, cond, uncond, scale, coeffs=x0_rows[i : i + 1], clip_range=plan.clip_range)[0]
                 callback(StepInfo(i, len(plan.steps), ts[i], x_next.clone(), x0.clone()))
             graphs.x.copy_(x_next)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            tick()
     return graphs.x.clone()
 
 
