@@ -4,8 +4,10 @@ SD 1.5 at 512 x 512 with CFG: batch 2, 8 heads; self-attention over Lq = Lk = 40
 256, 64 tokens with head dims 40, 80, 160, 160 (one per UNet level), and cross-attention
 of the same queries to Lk = 77 text tokens.
 
-  GPU (fp16): fastdiff's flash Triton kernel vs SDPA's default choice and each of its
-              backends (flash, memory-efficient, cuDNN) that accepts the shape
+  GPU (fp16): fastdiff's flash Triton kernel (with its heuristic launch config, and with the
+              config tune() measures fastest, which extra_info records) vs SDPA's default
+              choice and each of its backends (flash, memory-efficient, cuDNN) that accepts
+              the shape
   CPU (fp32): fastdiff's CPU path (PyTorch's SDPA) vs the twin's math (matmul-softmax-
               matmul), on the smaller shapes only
 
@@ -44,8 +46,19 @@ def sdpa_backend(name):
     return run
 
 
+def tuned(q, k, v):
+    """The Triton kernel with the launch config tune() measured fastest for this shape."""
+    from fastdiff.ops.triton import attention as kernel
+
+    key = (q.shape[2], k.shape[2], q.shape[3], q.dtype, False)
+    if key not in kernel.tuned_configs():
+        kernel.tune(q, k, v)
+    return kernel.attention_triton(q, k, v)
+
+
 IMPLS = {"fastdiff": ops.attention, "sdpa": F.scaled_dot_product_attention}
 if CUDA:
+    IMPLS["fastdiff-tuned"] = tuned
     IMPLS.update({f"sdpa-{n}": sdpa_backend(n) for n in ("flash", "efficient", "cudnn")})
 else:
     IMPLS["math"] = lambda q, k, v: twin(q, k, v)
@@ -86,3 +99,6 @@ def test_attention(benchmark, impl, lq, lk, d):
                                 threads=torch.get_num_threads())
     benchmark.pedantic(timed, rounds=50 if CUDA else 5, warmup_rounds=5 if CUDA else 1)
     benchmark.extra_info["tflops"] = flops(BATCH, HEADS, lq, lk, d) / benchmark.stats.stats.median / 1e12
+    if impl == "fastdiff-tuned":
+        from fastdiff.ops.triton.attention import tuned_configs
+        benchmark.extra_info["config"] = tuned_configs()[(lq, lk, d, DTYPE, False)]

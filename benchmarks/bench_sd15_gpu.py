@@ -8,7 +8,8 @@ calls of batch 2), 77 text tokens. Speed does not depend on the weights' values.
               SDPA attention) vs fastdiff's UNet (flash Triton attention, fused GroupNorm,
               channels-last, fused q/k/v), eager and replayed from a CUDA graph
   generation  50 DPM-Solver++(2M) steps, text encoding and VAE decode included:
-              diffusers' StableDiffusionPipeline vs fastdiff generate(cuda_graph=True)
+              diffusers' StableDiffusionPipeline vs fastdiff generate(), eager and with
+              cuda_graph=True
 
 Before timing: the UNet outputs are compared, and the images of both fp16 pipelines
 are compared with diffusers' fp32 image; fastdiff's fp16 error must stay within twice
@@ -192,8 +193,10 @@ def image_errors(folder, pipes):
     return theirs, mine
 
 
-@pytest.mark.parametrize("impl", ["diffusers", "fastdiff"])
+@pytest.mark.parametrize("impl", ["diffusers", "fastdiff", "fastdiff-graph"])
 def test_generation_50_steps(benchmark, pipes, image_errors, impl):
+    if impl == "fastdiff-graph" and DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
     theirs, mine = image_errors
     assert mine <= 2 * theirs + 1e-3, (mine, theirs)
     ref, ours = pipes
@@ -204,7 +207,7 @@ def test_generation_50_steps(benchmark, pipes, image_errors, impl):
             if impl == "diffusers":
                 run_diffusers(ref, start)
             else:
-                run_fastdiff(ours, start, DEVICE == "cuda")
+                run_fastdiff(ours, start, impl == "fastdiff-graph")
         sync()
 
     benchmark.group = f"SD 1.5 generation {DEVICE} {DTYPE} {UNET['sample_size'] * 8}px {STEPS} steps dpmpp_2m cfg 7.5"

@@ -164,3 +164,26 @@ def test_unsupported_operands_are_named():
     assert "head dimension" in triton_module.check_supported(q, q, q)
     q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
     assert "dtypes" in triton_module.check_supported(q, q, q)
+
+
+@pytest.mark.parametrize("config", [(16, 16, 4, 1), (64, 32, 4, 2), (128, 128, 8, 3), (32, 64, 4, 4)])
+def test_every_launch_config_gives_the_same_result(config):
+    """The tuner may pick any candidate tiling; each must be correct (partial tiles included)."""
+    q, k, v = make_qkv(2, 2, 97, 150, 80, torch.float16, seed=13)
+    mask = torch.rand(2, 150, generator=torch.Generator().manual_seed(14)).to(DEVICE) > 0.3
+    assert_close(attention_triton(q, k, v, mask, config=config), q, k, v, mask)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_tuning_needs_a_gpu():
+    q, k, v = make_qkv(1, 1, 8, 8, 16)
+    with pytest.raises(RuntimeError, match="on a GPU"):
+        triton_module.tune(q, k, v)
+
+
+@pytest.mark.cuda
+def test_tuning_remembers_the_fastest_config():
+    q, k, v = make_qkv(2, 8, 1024, 77, 80, torch.float16, seed=15)
+    best = triton_module.tune(q, k, v, candidates=[(64, 128, 4, 2), (128, 128, 8, 3)])
+    assert triton_module.tuned_configs()[(1024, 77, 80, torch.float16, False)] == best
+    assert_close(attention_triton(q, k, v), q, k, v)

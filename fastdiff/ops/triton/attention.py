@@ -23,7 +23,9 @@ metadata (no .item(), no copies to the host), so a call can be captured in a CUD
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import itertools
+import os
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -74,6 +76,50 @@ def launch_config(lq: int, lk: int, d0: int, d1: int, on_gpu: bool):
     if not on_gpu:
         num_stages = 1
     return block_m, block_n, num_warps, num_stages
+
+
+Config = Tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+
+# Configs measured fastest by tune(), per (Lq, Lk, D, dtype, masked); launch_config's heuristic
+# serves shapes not in it. FASTDIFF_ATTENTION_AUTOTUNE=1 tunes each new shape on its first call.
+_tuned: Dict[tuple, Config] = {}
+_AUTOTUNE = os.environ.get("FASTDIFF_ATTENTION_AUTOTUNE", "0").strip() not in ("", "0")
+TUNE_CANDIDATES = tuple(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+
+
+def _tune_key(q: Tensor, k: Tensor, masked: bool) -> tuple:
+    return (q.shape[2], k.shape[2], q.shape[3], q.dtype, masked)
+
+
+def tune(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+         candidates: Iterable[Config] = TUNE_CANDIDATES) -> Config:
+    """Time every candidate launch config on these operands (a GPU only), remember the fastest
+    for their shape, and return it. Configs the GPU cannot run (too much shared memory) are
+    skipped. It synchronises the device: call it before a run, not inside a captured step."""
+    if not q.is_cuda:
+        raise RuntimeError("attention tuning times kernels on a GPU; these operands are on "
+                           f"{q.device}")
+    best, best_ms = None, float("inf")
+    for config in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: attention_triton(q, k, v, key_padding_mask, config=config),
+                                         warmup=5, rep=20)
+        except Exception as exc:  # noqa: BLE001  (OutOfResources moved between Triton versions)
+            message = str(exc).lower()
+            if type(exc).__name__ == "OutOfResources" or "out of resource" in message or "shared memory" in message:
+                continue
+            raise
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        raise RuntimeError("attention tuning: no candidate config ran on this GPU")
+    _tuned[_tune_key(q, k, key_padding_mask is not None)] = best
+    return best
+
+
+def tuned_configs() -> Dict[tuple, Config]:
+    """What tune() found so far (for benchmarks and for making the heuristic better)."""
+    return dict(_tuned)
 
 
 if AVAILABLE:
@@ -216,11 +262,13 @@ def check_supported(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
 
 
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
-                     scale: Optional[float] = None, out: Optional[Tensor] = None) -> Tensor:
+                     scale: Optional[float] = None, out: Optional[Tensor] = None,
+                     config: Optional[Config] = None) -> Tensor:
     """softmax(q k^T * scale) v for [B, H, L, D] operands of any strides; mask [B, Lk], True = keep.
 
     ``out``: an optional [B, H, Lq, D] tensor of q's dtype (any strides) to write into;
-    by default a new one is made with [B, Lq, H, D] memory. Shapes are checked by
+    by default a new one is made with [B, Lq, H, D] memory. ``config``: (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) instead of the tuned or heuristic one. Shapes are checked by
     ``fastdiff.ops.attention``; this function assumes them.
     """
     reason = check_supported(q, k, v)
@@ -239,7 +287,15 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional
     if lk == 0:
         return out.zero_()
     d0, d1 = split_head_dim(d)
-    block_m, block_n, num_warps, num_stages = launch_config(lq, lk, d0, d1, q.is_cuda)
+    if config is None:
+        config = _tuned.get(_tune_key(q, k, key_padding_mask is not None))
+    if config is None and _AUTOTUNE and q.is_cuda:
+        config = tune(q, k, v, key_padding_mask)
+    if config is None:
+        config = launch_config(lq, lk, d0, d1, q.is_cuda)
+    block_m, block_n, num_warps, num_stages = config
+    if not q.is_cuda:
+        num_stages = 1
     if key_padding_mask is not None:
         mask = key_padding_mask
         if mask.dtype == torch.bool:
@@ -266,5 +322,5 @@ def flops(batch: int, heads: int, lq: int, lk: int, d: int) -> float:
     return 4.0 * batch * heads * lq * lk * d
 
 
-__all__ = ["AVAILABLE", "MAX_HEAD_DIM", "attention_triton", "check_supported", "flops", "launch_config",
-           "split_head_dim"]
+__all__ = ["AVAILABLE", "MAX_HEAD_DIM", "TUNE_CANDIDATES", "attention_triton", "check_supported", "flops",
+           "launch_config", "split_head_dim", "tune", "tuned_configs"]
