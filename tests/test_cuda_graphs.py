@@ -200,7 +200,17 @@ def test_channels_last_and_fused_projections_give_the_same_images(tmp_path):
     pipe.to(memory_format=torch.channels_last).fuse_qkv_projections()
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert "fused.weight" in "".join(pipe.unet.state_dict())
+    nchw_inputs = []  # every conv of the UNet must see NHWC activations: no layout flips
+
+    def check(module, inputs, output, name):
+        if not inputs[0].is_contiguous(memory_format=torch.channels_last):
+            nchw_inputs.append(name)
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: check(mod, i, o, name))
+             for name, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Conv2d)]
     fast = pipe.generate(["a cat", "a dog"], **kw)
+    for hook in hooks:
+        hook.remove()
+    assert not nchw_inputs, nchw_inputs
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="memory_format"):
         pipe.to(memory_format=torch.preserve_format)

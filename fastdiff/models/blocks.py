@@ -152,6 +152,10 @@ class Upsample2D(nn.Module):
         return x if self.conv is None else self.conv(x)
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class Attention(nn.Module):
     """Multi-head attention with diffusers' ``Attention`` parameter names.
 
@@ -359,8 +363,11 @@ class Transformer2DModel(nn.Module):
             h = block(h, context, key_padding_mask)
         if self.use_linear_projection:
             h = self.proj_out(h)
-        # back to contiguous NCHW: a transposed view would be channels-last and change the conv's algorithm
-        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
+        # Back to x's layout: NCHW for an NCHW x (a channels-last view would change the conv's
+        # algorithm, and with it the last bits against diffusers); for a channels-last x the view
+        # already is channels-last, and stays so (no copy).
+        layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         if not self.use_linear_projection:
             h = self.proj_out(h)
         return h + x
