@@ -119,15 +119,17 @@ def test_scores_follow_their_definitions():
         return score_one({"layout": layout, "objects": objects}, target)
 
     assert scores("vertical", [("circle", "red"), ("square", "blue")]) == dict(
-        shape=1, colour=1, layout=1, position=1, all=1)
+        shape=1, colour=1, layout=1, position=1, all=1, bound=1)
     assert scores("vertical", [("square", "blue"), ("circle", "red")]) == dict(  # right objects, swapped
-        shape=0, colour=0, layout=1, position=0, all=0)
+        shape=0, colour=0, layout=1, position=0, all=0, bound=1)
     assert scores("horizontal", [("circle", "red"), ("square", "blue")]) == dict(
-        shape=1, colour=1, layout=0, position=0, all=0)
+        shape=1, colour=1, layout=0, position=0, all=0, bound=1)
     assert scores("vertical", [("circle", "red"), ("square", "green")]) == dict(  # one wrong colour, order kept
-        shape=1, colour=0.5, layout=1, position=1, all=0)
+        shape=1, colour=0.5, layout=1, position=1, all=0, bound=0)
     assert scores("vertical", [("square", "red"), ("circle", "blue")])["position"] == 0  # a tie is not an order
-    assert scores("single", [("circle", "red")]) == dict(shape=0.5, colour=0.5, layout=0, position=0, all=0)
+    assert scores("vertical", [("square", "red"), ("circle", "blue")])["bound"] == 0  # colours on the wrong shapes
+    assert scores("single", [("circle", "red")]) == dict(shape=0.5, colour=0.5, layout=0, position=0, all=0,
+                                                         bound=0)
     assert attribute_scores([target, target], [target, target])["all"] == 1
 
 
@@ -139,14 +141,14 @@ def test_evaluate_wiring_gives_exact_scores_with_a_lookup_judge():
                        progress=False, keep_images=2)
     assert results["captions"] == [scene.caption for scene in scenes]
     assert results["real"] == results["scales"][1.0] == results["scales"][3.0] == dict(
-        shape=1, colour=1, layout=1, position=1, all=1)
+        shape=1, colour=1, layout=1, position=1, all=1, bound=1)
     # At scale 8 every image has its objects exchanged: layout right, order wrong, and a slot's shape or
     # colour right only where the two objects happen to share it.
     targets = [canonical(scene)["objects"] for scene in scenes]
     same_shape = sum(a[0] == b[0] for a, b in targets) / n
     same_colour = sum(a[1] == b[1] for a, b in targets) / n
     assert results["scales"][8.0] == pytest.approx(dict(shape=same_shape, colour=same_colour, layout=1,
-                                                        position=0, all=0))
+                                                        position=0, all=0, bound=1))
     # Batches of 5, 5 and 2 at each scale; a batch's seed is the same at every scale.
     assert [call["n"] for call in pipe.calls] == [5, 5, 2] * 3
     assert [call["seed"] for call in pipe.calls] == [4, 9, 14] * 3

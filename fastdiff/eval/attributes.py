@@ -19,9 +19,9 @@ from torch import Tensor
 from ..data.scenes import canonical, render, sample_scenes
 from .judge import IMAGE_SIZE, resize_to_judge
 
-METRICS = ("shape", "colour", "layout", "position", "all")
+METRICS = ("shape", "colour", "layout", "position", "all", "bound")
 METRIC_TITLES = {"shape": "shape", "colour": "colour", "layout": "layout", "position": "position",
-                 "all": "all correct"}
+                 "all": "all correct", "bound": "objects, any order"}
 METRIC_NOTES = """\
 - **shape** / **colour**: the judge's shape / colour in each canonical slot (top-to-bottom or
   left-to-right) equals the caption's, averaged over the two slots.
@@ -32,6 +32,9 @@ METRIC_NOTES = """\
   matching them swapped. A tie (e.g. colours in place but the shapes exchanged between them)
   counts as wrong.
 - **all correct**: layout and every shape and colour right, in order (the whole caption).
+- **objects, any order**: the caption's objects, each with its own shape and colour, are the ones
+  drawn, in either order (attribute binding without position): it tells binding errors (a red
+  square for a red circle) from placement errors (the right objects the wrong way round).
 - **real images**: the judge on the held-out scenes' own renders, its ceiling on these captions.
 """
 
@@ -55,7 +58,8 @@ def score_one(prediction: dict, target: dict) -> Dict[str, float]:
             "colour": sum(p[1] == w[1] for p, w in slots) / len(slots),
             "layout": float(layout_right),
             "position": float(layout_right and order_right),
-            "all": float(layout_right and list(map(tuple, predicted)) == list(map(tuple, wanted)))}
+            "all": float(layout_right and list(map(tuple, predicted)) == list(map(tuple, wanted))),
+            "bound": float(sorted(map(tuple, predicted)) == sorted(map(tuple, wanted)))}
 
 
 def attribute_scores(predictions: Sequence[dict], targets: Sequence[dict]) -> Dict[str, float]:
