@@ -16,7 +16,7 @@ host) fails the warm-up with an error naming the read, and could not be captured
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -129,11 +129,20 @@ def default_capture(device: torch.device) -> Capture:
     return CUDAGraphCapture(device)
 
 
+class StepSignature(NamedTuple):
+    """What makes two steps launch the same kernels: one captured graph serves them all."""
+
+    noise: bool
+    history: int           # number of history operands
+    write_denoised: bool
+    width: int             # of the coefficient row
+
+
 class StepGraphs:
     """One captured graph per step signature, with its static input buffers.
 
-    ``body(x, t, row, noise, history) -> outputs`` is the step; the static ``x`` and ``t``
-    are shared by all signatures, the row, noise and history buffers belong to each.
+    ``body(signature, x, t, row, noise, history) -> outputs`` is the step; the static ``x``
+    and ``t`` are shared by all signatures, the row and history buffers belong to each.
     """
 
     def __init__(self, body: Callable[..., Outputs], x: Tensor, t: Tensor, capture: Capture):
@@ -141,23 +150,23 @@ class StepGraphs:
         self.x = x.clone()
         self.t = t.clone()
         self.noise: Optional[Tensor] = None
-        self._graphs: Dict[tuple, tuple] = {}
+        self._graphs: Dict[StepSignature, tuple] = {}
 
-    def run(self, signature: tuple, row: Tensor, noise: Optional[Tensor], history: Sequence[Tensor],
+    def run(self, signature: StepSignature, row: Tensor, noise: Optional[Tensor], history: Sequence[Tensor],
             t: Tensor) -> Outputs:
         """Fill the static inputs with this step's operands, replay, return the static outputs."""
+        self.t.copy_(t)
         entry = self._graphs.get(signature)
-        if entry is None:
+        if entry is None:  # the new buffers start with this step's operands, for the warm-up
             static_row = row.clone()
             static_hist: List[Tensor] = [h.clone() for h in history]
             if noise is not None and self.noise is None:
                 self.noise = noise.clone()
-            self.t.copy_(t)
             static_noise = self.noise if noise is not None else None
-            outputs, replay = self.capture(lambda: self.body(self.x, self.t, static_row, static_noise, static_hist))
+            outputs, replay = self.capture(
+                lambda: self.body(signature, self.x, self.t, static_row, static_noise, static_hist))
             entry = self._graphs[signature] = (static_row, static_hist, outputs, replay)
         static_row, static_hist, outputs, replay = entry
-        self.t.copy_(t)
         static_row.copy_(row)
         if noise is not None:
             self.noise.copy_(noise)

@@ -202,7 +202,7 @@ _capture_factory = None
 def _run_graphed(denoiser: Denoiser, x: Tensor, plan: S.Plan, rows: Tensor, ts: Tensor, x0_rows: Optional[Tensor],
                  *, generator, noise, callback, progress) -> Tensor:
     """run_plan's loop with each step replayed from a captured graph (see graphs.py)."""
-    from .graphs import StepGraphs, default_capture
+    from .graphs import StepGraphs, StepSignature, default_capture
 
     capture = (_capture_factory or default_capture)(x.device)
     # The whole run's noise first, in the eager loop's order: same generator, same draws.
@@ -210,22 +210,20 @@ def _run_graphed(denoiser: Denoiser, x: Tensor, plan: S.Plan, rows: Tensor, ts: 
              for i, s in enumerate(plan.steps) if s.noise}
     want_x0 = callback is not None and plan.denoised_is_x0
 
-    def body(x_in, t, row, z, history):
+    def body(signature, x_in, t, row, z, history):
         out = as_model_output(denoiser(x_in, t))
         x_next, den = guided_step(x_in, out.cond, out.uncond, out.scale, coeffs=row, noise=z, history=history,
                                   clip_range=plan.clip_range, learned_variance=plan.learned_variance,
-                                  write_denoised=write_den[0])
+                                  write_denoised=signature.write_denoised)
         return out.cond, out.uncond, out.scale, x_next, den
 
-    write_den = [False]  # read by body while it is captured: part of the step's signature
     graphs = StepGraphs(body, x, ts[0], capture)
     store = {}
     last_use = _last_uses(plan.steps)
     with progress_bar(len(plan.steps), plan.name or "sampling", progress) as tick:
         for i, step in enumerate(plan.steps):
-            write_den[0] = step.write_denoised or want_x0
             width = len(step.row)
-            signature = (step.noise, len(step.history), write_den[0], width)
+            signature = StepSignature(step.noise, len(step.history), step.write_denoised or want_x0, width)
             cond, uncond, scale, x_next, den = graphs.run(signature, rows[i : i + 1, :width], draws.get(i),
                                                           [store[ref] for ref in step.history], ts[i])
             _keep_history(store, last_use, i, graphs.x, den, copy=True)

@@ -58,7 +58,7 @@ def split_head_dim(d: int) -> Tuple[int, int]:
     return d0, d1
 
 
-def launch_config(lq: int, lk: int, d0: int, d1: int, on_gpu: bool):
+def launch_config(lq: int, lk: int, d0: int, d1: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a problem.
 
     Heuristics for sm_80/sm_90, not yet tuned on a GPU (see benchmarks/RESULTS.md).
@@ -73,8 +73,6 @@ def launch_config(lq: int, lk: int, d0: int, d1: int, on_gpu: bool):
         block_n = 64 if width <= 128 else 32
     num_warps = 8 if block_m * width >= 128 * 128 else 4
     num_stages = 3 if width <= 128 else 2
-    if not on_gpu:
-        num_stages = 1
     return block_m, block_n, num_warps, num_stages
 
 
@@ -292,9 +290,9 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional
     if config is None and _AUTOTUNE and q.is_cuda:
         config = tune(q, k, v, key_padding_mask)
     if config is None:
-        config = launch_config(lq, lk, d0, d1, q.is_cuda)
+        config = launch_config(lq, lk, d0, d1)
     block_m, block_n, num_warps, num_stages = config
-    if not q.is_cuda:
+    if not q.is_cuda:  # the interpreter has no software pipelining
         num_stages = 1
     if key_padding_mask is not None:
         mask = key_padding_mask
