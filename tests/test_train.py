@@ -193,7 +193,8 @@ def test_cli_help_explains_every_option(capsys):
     for option in ("--preset", "--output", "--data", "--steps", "--vae-steps", "--batch-size", "--lr",
                    "--prediction-type", "--p2-gamma", "--p2-k", "--cond-dropout", "--ema-decay", "--seed",
                    "--device", "--precision", "--grad-checkpointing", "--resume", "--no-progress",
-                   "--checkpoint-every", "--init-from", "--lr-schedule", "--text-lr-scale"):
+                   "--checkpoint-every", "--init-from", "--lr-schedule", "--text-lr-scale", "--place-prob",
+                   "--placed-pair-prob"):
         assert option in text, option
 
 

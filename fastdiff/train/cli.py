@@ -43,6 +43,13 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="'procedural' (generated coloured-shape scenes with captions), a folder of name.png + "
                         "name.txt pairs, or a .jsonl of {\"image\": path, \"text\": caption} lines; images are "
                         "resized and centre-cropped to the model size (default: %(default)s)")
+    p.add_argument("--place-prob", type=float, metavar="P",
+                   help="procedural data: the share of one-object scenes put at the top/bottom/left/right and "
+                        "captioned with the place, e.g. 'a red circle on the left'; these tie the place words to image "
+                        "regions, which relation captions alone did not teach the default model (default 0.8)")
+    p.add_argument("--placed-pair-prob", type=float, metavar="P",
+                   help="procedural data: the share of two-object scenes captioned place by place, e.g. 'a red "
+                        "circle at the top and a blue square at the bottom', instead of by relation (default 0.3)")
     p.add_argument("--stage", choices=["all", "vae", "text2img"], default="all",
                    help="'vae' = stage 1 only, 'text2img' = stage 2 only (needs OUTPUT/vae or --vae), "
                         "'all' = both (default)")
@@ -115,6 +122,10 @@ def config_from_args(args):
                                    ("cond_dropout", args.cond_dropout), ("ema_decay", args.ema_decay),
                                    ("lr_schedule", args.lr_schedule), ("text_encoder_lr_scale", args.text_lr_scale))
                  if v is not None}
+    mix = {k: v for k, v in (("place_prob", args.place_prob), ("placed_pair_prob", args.placed_pair_prob))
+           if v is not None}
+    if mix:
+        cfg = with_section(cfg, "procedural", **mix)
     if vae:
         cfg = with_section(cfg, "vae_training", **vae)
     if diffusion:

@@ -54,6 +54,19 @@ class TextEncoderArch:
 
 
 @dataclass
+class ProceduralData:
+    """The mix of the built-in scene stream (fastdiff.data.scenes.random_scene); unused for a user's data."""
+
+    two_object_prob: float = 0.75  # the rest are one-object scenes
+    place_prob: float = 0.8  # of one-object scenes: placed and captioned "... on the left"
+    placed_pair_prob: float = 0.3  # of two-object scenes: captioned "... at the top and ... at the bottom"
+
+
+# the mix of runs saved before the mix was a setting (a config without a "procedural" section)
+RELATIONS_ONLY = ProceduralData(place_prob=0.0, placed_pair_prob=0.0)
+
+
+@dataclass
 class AutoencoderTraining:
     """Stage 1. Loss per image: (sum |x - x'| + sum (x - x')^2 + kl_weight * KL) / pixel values,
     the proportions of Stable Diffusion's VAE loss (which uses kl_weight 1e-6), without LPIPS/GAN."""
@@ -115,6 +128,7 @@ class TrainConfig:
     autoencoder: AutoencoderArch = field(default_factory=AutoencoderArch)
     unet: UNetArch = field(default_factory=UNetArch)
     text_encoder: TextEncoderArch = field(default_factory=TextEncoderArch)
+    procedural: ProceduralData = field(default_factory=ProceduralData)
     vae_training: AutoencoderTraining = field(default_factory=AutoencoderTraining)
     diffusion: DiffusionTraining = field(default_factory=DiffusionTraining)
 
@@ -132,12 +146,13 @@ class TrainConfig:
     def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
         nested = {f.name: f.type for f in dataclasses.fields(cls)}
         kinds = dict(autoencoder=AutoencoderArch, unet=UNetArch, text_encoder=TextEncoderArch,
-                     vae_training=AutoencoderTraining, diffusion=DiffusionTraining)
+                     procedural=ProceduralData, vae_training=AutoencoderTraining, diffusion=DiffusionTraining)
         kwargs = {}
         for key, value in data.items():
             if key not in nested:
                 raise ValueError(f"unknown training config key {key!r}")
             kwargs[key] = kinds[key](**_tuples(value)) if key in kinds else value
+        kwargs.setdefault("procedural", RELATIONS_ONLY)
         return cls(**kwargs)
 
 
@@ -174,6 +189,9 @@ def check_config(cfg: TrainConfig) -> None:
                      ("diffusion.text_encoder_lr_scale", d.text_encoder_lr_scale)):
         if not lr > 0:
             raise ValueError(f"{name} must be positive, got {lr}")
+    for name, value in dataclasses.asdict(cfg.procedural).items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"procedural.{name} must be in [0, 1], got {value}")
     factor = 2 ** (len(cfg.autoencoder.block_out_channels) - 1)
     if cfg.image_size % factor:
         raise ValueError(f"image_size {cfg.image_size} must be a multiple of the VAE's downsampling factor {factor}")

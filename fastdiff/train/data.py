@@ -25,21 +25,21 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class ProceduralScenes:
     """The same stream as ``SceneDataset(size, seed, split)`` read in the main process, with its position."""
 
-    def __init__(self, size: int, seed: int, split: str = "train", two_object_prob: float = 0.75):
-        self.size, self.split, self.two_object_prob = size, split, two_object_prob
+    def __init__(self, size: int, seed: int, split: str = "train", two_object_prob: float = 0.75,
+                 place_prob: float = 0.0, placed_pair_prob: float = 0.0):
+        self.size, self.split = size, split
+        self.mix = dict(two_object_prob=two_object_prob, place_prob=place_prob, placed_pair_prob=placed_pair_prob)
         self.seed = seed
         self._rng = random.Random(seed * 1000)  # SceneDataset's seeding for worker 0 / the main process
 
     def next_batch(self, batch_size: int) -> Tuple[Tensor, List[str]]:
-        scenes = [random_scene(self._rng, split=self.split, two_object_prob=self.two_object_prob)
-                  for _ in range(batch_size)]
+        scenes = [random_scene(self._rng, split=self.split, **self.mix) for _ in range(batch_size)]
         return torch.stack([render(s, self.size) for s in scenes]), [s.caption for s in scenes]
 
     def tokenizer_texts(self) -> List[str]:
         """Captions to learn the BPE merges from: a fixed sample plus every word on its own, so no
         word of the scene grammar is left unmerged however rare."""
-        return [s.caption for s in sample_scenes(2000, seed=12345, two_object_prob=self.two_object_prob)] \
-            + vocabulary()
+        return [s.caption for s in sample_scenes(2000, seed=12345, **self.mix)] + vocabulary()
 
     def state_dict(self) -> Dict:
         return {"rng": self._rng.getstate()}
@@ -150,8 +150,9 @@ class ImageCaptionFiles:
         self._order = self._permutation(self.epoch)
 
 
-def make_dataset(data: str, size: int, seed: int):
-    """'procedural' or a path (folder or .jsonl) -> a batch stream with state_dict()/load_state_dict()."""
+def make_dataset(data: str, size: int, seed: int, **mix):
+    """'procedural' or a path (folder or .jsonl) -> a batch stream with state_dict()/load_state_dict().
+    `mix` (two_object_prob, place_prob, placed_pair_prob) sets the procedural scenes' mix."""
     if data == "procedural":
-        return ProceduralScenes(size, seed)
+        return ProceduralScenes(size, seed, **mix)
     return ImageCaptionFiles(data, size, seed)

@@ -120,6 +120,13 @@ def write_training_md(cfg: TrainConfig, output: str) -> None:
     size_text = ", ".join(f"{k} {v:.1f} MB" for k, v in sizes.items())
     averaged = "unet and text_encoder" if d.train_text_encoder else "unet"
     text_mode = "trained jointly with the UNet" if d.train_text_encoder else "frozen at random init"
+    data_text = f"`{cfg.data}`"
+    if cfg.data == "procedural":
+        mix = cfg.procedural
+        data_text += (f" (two-object scenes {mix.two_object_prob:g}; one-object scenes captioned with their "
+                      f"place {mix.place_prob:g}; two-object scenes captioned place by place "
+                      f"{mix.placed_pair_prob:g})")
+    vae_text = f" (copied from `{cfg.vae_path}`)" if cfg.vae_path else ""
     text = f"""# Training record
 
 Trained with fastdiff's trainer (`fastdiff/train/`); a diffusers `StableDiffusionPipeline` folder
@@ -134,10 +141,10 @@ that `fastdiff.Pipeline.from_pretrained("{output}")` loads.
 ## Run
 
 - fastdiff {fastdiff.__version__}, torch {torch.__version__}, Python {platform.python_version()} on {platform.machine()}
-- preset `{cfg.preset}`, data `{cfg.data}`, image size {cfg.image_size}, latents {latents}
+- preset `{cfg.preset}`, data {data_text}, image size {cfg.image_size}, latents {latents}
 - seed {cfg.seed}; device {run.get('device', cfg.device)}, precision {run.get('precision', cfg.precision)}, CPU threads {run.get('threads', cfg.num_threads)}
 - weights (fp32 safetensors): {size_text}; total {sum(sizes.values()):.1f} MB
-- VAE scaling_factor: {log.get('vae', {}).get('scaling_factor', 'from the given VAE')}
+- VAE scaling_factor: {log.get('vae', {}).get('scaling_factor', 'from the given VAE')}{vae_text}
 
 | stage | steps | batch | final loss (mean of last 100) | wall time | steps/s |
 |---|---|---|---|---|---|

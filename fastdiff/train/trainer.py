@@ -21,6 +21,7 @@ streams seeded from the same seed and read in the main process.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Dict
@@ -40,6 +41,11 @@ from .tokenizer import build_tokenizer, load_tokenizer
 
 # Offsets so each stage and the scaling measurement read their own streams from one seed.
 VAE_STREAM, TEXT2IMG_STREAM, SCALING_STREAM = 0, 1, 2
+
+
+def _stream(cfg: TrainConfig, stream: int):
+    """The run's training data for one stage (or the scaling measurement), from its own seed."""
+    return make_dataset(cfg.data, cfg.image_size, cfg.seed * 2 + stream, **dataclasses.asdict(cfg.procedural))
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -66,7 +72,7 @@ def train_autoencoder(cfg: TrainConfig) -> StageResult:
     with run_environment(cfg, device):
         torch.manual_seed(cfg.seed)
         vae = build_vae(cfg).to(device)
-        data = make_dataset(cfg.data, cfg.image_size, cfg.seed * 2 + VAE_STREAM)
+        data = _stream(cfg, VAE_STREAM)
         generator = _generator(cfg.seed, VAE_STREAM)
         loop = TrainingLoop("vae", cfg, v.steps, {"vae": vae}, lr=v.lr, weight_decay=v.weight_decay,
                             warmup_steps=v.warmup_steps, lr_schedule="constant", grad_clip=v.grad_clip,
@@ -102,7 +108,7 @@ def train_autoencoder(cfg: TrainConfig) -> StageResult:
 @torch.no_grad()
 def latent_scaling_factor(cfg: TrainConfig, vae: AutoencoderKL, device: torch.device, bf16: bool) -> float:
     """1 / std of the latents stage 2 will see (posterior samples or means), over fresh images."""
-    data = make_dataset(cfg.data, cfg.image_size, cfg.seed * 2 + SCALING_STREAM)
+    data = _stream(cfg, SCALING_STREAM)
     generator = _generator(cfg.seed, SCALING_STREAM)
     latents, remaining = [], cfg.vae_training.scaling_images
     while remaining > 0:
@@ -169,7 +175,7 @@ def train_text2img(cfg: TrainConfig) -> StageResult:
     d = cfg.diffusion
     with run_environment(cfg, device):
         vae = _load_frozen_vae(cfg, device)
-        data = make_dataset(cfg.data, cfg.image_size, cfg.seed * 2 + TEXT2IMG_STREAM)
+        data = _stream(cfg, TEXT2IMG_STREAM)
         tokenizer = _tokenizer(cfg, data)
         torch.manual_seed(cfg.seed)
         text_encoder = build_text_encoder(cfg, tokenizer).to(device)
