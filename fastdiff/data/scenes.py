@@ -104,8 +104,9 @@ def random_scene(rng: random.Random, *, split: str = "train", two_object_prob: f
     if split == "train" and rng.random() > two_object_prob:
         if place_prob > 0 and rng.random() < place_prob:
             place = rng.choice(list(PLACES))
-            x, y = _place_centre(rng, place)
-            obj = Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), x, y, rng.uniform(0.12, 0.17))
+            along, across = rng.uniform(0.24, 0.28), rng.uniform(0.38, 0.62)
+            obj = Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), *_centre(place, along, across),
+                      rng.uniform(0.12, 0.17))
             return Scene((obj,), None, background, (place,))
         r = rng.uniform(0.16, 0.26)
         obj = Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), r)
@@ -119,27 +120,20 @@ def random_scene(rng: random.Random, *, split: str = "train", two_object_prob: f
     r1, r2 = rng.uniform(0.12, 0.17), rng.uniform(0.12, 0.17)
     along = rng.uniform(0.24, 0.28)       # offset from the centre along the relation's axis
     across = rng.uniform(0.38, 0.62), rng.uniform(0.38, 0.62)
-    sign = -1 if relation in ("above", "to the left of") else 1
-    first_pos, second_pos = 0.5 + sign * along, 0.5 - sign * along
-    if relation in ("above", "below"):
-        oa = Obj(a[1], a[0], across[0], first_pos, r1)
-        ob = Obj(b[1], b[0], across[1], second_pos, r2)
-    else:
-        oa = Obj(a[1], a[0], first_pos, across[0], r1)
-        ob = Obj(b[1], b[0], second_pos, across[1], r2)
+    first_place, second_place = RELATION_PLACES[relation]
+    oa = Obj(a[1], a[0], *_centre(first_place, along, across[0]), r1)
+    ob = Obj(b[1], b[0], *_centre(second_place, along, across[1]), r2)
     places = None
     if split == "train" and placed_pair_prob > 0 and rng.random() < placed_pair_prob:
         places = RELATION_PLACES[relation]
     return Scene((oa, ob), relation, background, places)
 
 
-def _place_centre(rng: random.Random, place: str) -> Tuple[float, float]:
-    """(cx, cy) of one object in `place`: where a two-object scene puts an object there."""
-    along, across = rng.uniform(0.24, 0.28), rng.uniform(0.38, 0.62)
-    sign = -1 if place in ("top", "left") else 1
-    if place in ("top", "bottom"):
-        return across, 0.5 + sign * along
-    return 0.5 + sign * along, across
+def _centre(place: str, along: float, across: float) -> Tuple[float, float]:
+    """(cx, cy) of an object in `place`: `along` from the image centre towards that side, at
+    `across` on the other axis. Two-object scenes and placed single objects share it."""
+    offset = 0.5 - along if place in ("top", "left") else 0.5 + along
+    return (across, offset) if place in ("top", "bottom") else (offset, across)
 
 
 def canonical(scene_or_caption) -> dict:

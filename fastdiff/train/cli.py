@@ -8,7 +8,8 @@ import argparse
 import shlex
 import sys
 
-from .config import BETA_SCHEDULES, LR_SCHEDULES, PRECISIONS, PREDICTION_TYPES, PRESETS, preset, with_section
+from .config import (BETA_SCHEDULES, LR_SCHEDULES, PRECISIONS, PREDICTION_TYPES, PRESETS, ProceduralData, preset,
+                     with_section)
 
 DESCRIPTION = """\
 Trains a small latent text-to-image model from scratch and saves it as a diffusers
@@ -46,10 +47,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--place-prob", type=float, metavar="P",
                    help="procedural data: the share of one-object scenes put at the top/bottom/left/right and "
                         "captioned with the place, e.g. 'a red circle on the left'; these tie the place words to image "
-                        "regions, which relation captions alone did not teach the default model (default 0.8)")
+                        "regions, which relation captions alone did not teach the default model "
+                        f"(default {ProceduralData.place_prob:g})")
     p.add_argument("--placed-pair-prob", type=float, metavar="P",
                    help="procedural data: the share of two-object scenes captioned place by place, e.g. 'a red "
-                        "circle at the top and a blue square at the bottom', instead of by relation (default 0.3)")
+                        "circle at the top and a blue square at the bottom', instead of by relation "
+                        f"(default {ProceduralData.placed_pair_prob:g})")
     p.add_argument("--stage", choices=["all", "vae", "text2img"], default="all",
                    help="'vae' = stage 1 only, 'text2img' = stage 2 only (needs OUTPUT/vae or --vae), "
                         "'all' = both (default)")
