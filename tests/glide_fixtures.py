@@ -60,3 +60,21 @@ def write_checkpoint(path: str, options: dict, n_vocab: int, seed: int = 0) -> D
     torch.save(state, path)
     return state
 
+
+
+def sample_terms(model, calls: int, gain: float = 1.0) -> float:
+    """tests/tolerances.py `terms` of a sample after `calls` calls of fastdiff's ADM U-Net
+    `model` (text encoder included), whose differences guidance amplifies by `gain`
+    (tolerances.guidance_gain); the step arithmetic adds ~10 a step."""
+    from tolerances import reduction_terms
+
+    size = model.image_size
+    x, t = torch.zeros(2, 3, size, size), torch.tensor([0, 1])
+    tokens, mask = torch.zeros(2, model.text_ctx, dtype=torch.long), torch.ones(2, model.text_ctx, dtype=torch.bool)
+    extra = {}
+    if model.super_res:
+        extra["low_res"] = torch.zeros(2, 3, size // 4, size // 4)
+    if model.inpaint:
+        extra.update(inpaint_image=torch.zeros(2, 3, size, size), inpaint_mask=torch.ones(2, 1, size, size))
+    per_call = reduction_terms(model, lambda: model(x, t, tokens=tokens, mask=mask, **extra))
+    return gain ** 2 * calls * (per_call + 10)

@@ -112,3 +112,32 @@ def with_scheduler(pipe, sampler):
     extra = {"use_karras_sigmas": True} if sampler.endswith("_karras") else {}
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
     return pipe
+
+
+def image_terms(pipe, unet_calls, gain=1.0, size=(64, 64), encode=False):
+    """tests/tolerances.py `terms` of an image of fastdiff's SD pipeline `pipe`: `unet_calls`
+    UNet calls in sequence, whose differences guidance amplifies by `gain`
+    (tolerances.guidance_gain), then a VAE decode (after an encode for img2img), counted on
+    its modules at this image size. The sampler's own arithmetic adds ~10 terms a step, and
+    the text encoder is transformers' model on both sides."""
+    from tolerances import reduction_terms
+
+    (height, width), f = size, pipe.vae_scale_factor
+    latents = torch.zeros(2, pipe.unet.config["in_channels"], height // f, width // f)
+    context = torch.zeros(2, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    unet = reduction_terms(pipe.unet, lambda: pipe.unet(latents, torch.tensor(500), context))
+    vae = reduction_terms(pipe.vae, lambda: pipe.vae.decode(latents[:1]))
+    if encode:
+        vae += reduction_terms(pipe.vae, lambda: pipe.vae.encode(torch.zeros(1, 3, height, width)))
+    return gain ** 2 * unet_calls * unet + vae
+
+
+def generate_counting_unet_calls(pipe, *args, **kwargs):
+    """pipe.generate(*args, **kwargs) and how many times it called its UNet."""
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    try:
+        images = pipe.generate(*args, **kwargs)
+    finally:
+        hook.remove()
+    return images, len(calls)

@@ -15,6 +15,8 @@ from fastdiff.sampling import SchedulerConfig, sample
 from fastdiff.sampling import samplers as samplers_module
 from fastdiff.sampling.graphs import EagerCapture, HostSyncError, StepGraphs, forbid_host_sync
 
+from tolerances import fp32_bound, guidance_gain
+
 CONFIG = SchedulerConfig.from_dict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                         beta_schedule="scaled_linear", prediction_type="epsilon"))
 
@@ -191,7 +193,7 @@ class TestCUDA:
 def test_channels_last_and_fused_projections_give_the_same_images(tmp_path):
     """The GPU-speed switches keep the images: NHWC UNet/VAE and fused q/k/v GEMMs, on CPU in fp32."""
     pytest.importorskip("diffusers")
-    from sd_fixtures import make_pipeline
+    from sd_fixtures import image_terms, make_pipeline
 
     make_pipeline(str(tmp_path), "sd1")
     pipe = fastdiff.Pipeline.from_pretrained(tmp_path)
@@ -211,7 +213,12 @@ def test_channels_last_and_fused_projections_give_the_same_images(tmp_path):
     for hook in hooks:
         hook.remove()
     assert not nchw_inputs, nchw_inputs
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    # NHWC runs other convolution algorithms (and the fused q/k/v GEMM another blocking), so
+    # only the order of the sums changes: through 4 guided UNet calls and the VAE's decode of
+    # values ~1 (tests/tolerances.py). The bound is 5e-4; 1% more guidance, or one sampler
+    # coefficient 1% off at one step, moves these images by 3e-3 to 1.4e-2.
+    bound = fp32_bound(scale=1.0, terms=image_terms(pipe, unet_calls=4, gain=guidance_gain(kw["guidance_scale"])))
+    assert (fast - plain).abs().max().item() <= bound
     with pytest.raises(ValueError, match="memory_format"):
         pipe.to(memory_format=torch.preserve_format)
 

@@ -2,7 +2,8 @@
 
 Tiny random models in fp32 on CPU. Every parameter is randomized, because diffusers
 zero-initializes some layers (conv_out, proj_out, ...) and a zero layer hides a bug
-upstream of it. Outputs must agree to 1e-5 times max(1, |reference|).
+upstream of it. Outputs must agree to what summing in another order can move them by
+(tests/tolerances.py): 6e-5 to 1.5e-4 here, for outputs up to ~3.
 """
 import json
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from fastdiff.models import AutoencoderKL, UNet2DConditionModel
+from tolerances import fp32_bound, reduction_terms
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -59,12 +61,14 @@ def as_json(config) -> dict:
     return json.loads(json.dumps(dict(config)))
 
 
-def assert_close(name: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
+def assert_close(name: str, ours: torch.Tensor, ref: torch.Tensor, terms: int) -> None:
+    """The same math with other kernels (fastdiff's group_norm, attention and layouts against
+    diffusers' modules) differs in the order of its sums, over `terms` roundings."""
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
     diff = (ours - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    print(f"{name}: max abs diff {diff:.3g} (reference max |x| {ref.abs().max().item():.3g})")
-    assert diff <= 1e-5 * scale, f"{name}: max abs diff {diff} > {1e-5 * scale}"
+    bound = fp32_bound(max(1.0, ref.abs().max().item()), terms)
+    print(f"{name}: max abs diff {diff:.3g} (reference max |x| {ref.abs().max().item():.3g}, bound {bound:.3g})")
+    assert diff <= bound, f"{name}: max abs diff {diff} > {bound}"
 
 
 def unet_pair(name: str):
@@ -86,9 +90,10 @@ def test_unet_matches_diffusers(unets, name, size):
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, *size, generator=gen)
     context = torch.randn(2, 7, ref.config.cross_attention_dim, generator=gen)
+    terms = reduction_terms(ours, lambda: ours(sample, TIMESTEPS["0d_int"], context))
     with torch.no_grad():
         for tname, t in TIMESTEPS.items():
-            assert_close(f"{name} {size} t={tname}", ours(sample, t, context), ref(sample, t, context).sample)
+            assert_close(f"{name} {size} t={tname}", ours(sample, t, context), ref(sample, t, context).sample, terms)
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "only_cross"])
@@ -101,13 +106,15 @@ def test_unet_encoder_attention_mask(unets, name):
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 4:] = False
     t = torch.tensor([3, 501])
+    terms = reduction_terms(ours, lambda: ours(sample, t, context, encoder_attention_mask=mask))
     with torch.no_grad():
         masked = ours(sample, t, context, encoder_attention_mask=mask)
-        assert_close(f"{name} masked", masked, ref(sample, t, context, encoder_attention_mask=mask).sample)
-        assert_close(f"{name} 0/1 float mask", ours(sample, t, context, encoder_attention_mask=mask.float()), masked)
+        assert_close(f"{name} masked", masked, ref(sample, t, context, encoder_attention_mask=mask).sample, terms)
+        assert_close(f"{name} 0/1 float mask", ours(sample, t, context, encoder_attention_mask=mask.float()), masked,
+                     terms)
         # the mask must matter: the padded keys carry different values in sample 1 only
         assert (masked[1] - ours(sample, t, context)[1]).abs().max() > 1e-4
-        assert_close(f"{name} unmasked sample 0", masked[0], ours(sample, t, context)[0])
+        assert_close(f"{name} unmasked sample 0", masked[0], ours(sample, t, context)[0], terms)
 
 
 def test_unet_dropout_sits_where_diffusers_puts_it(unets):
@@ -169,13 +176,14 @@ def test_vae_matches_diffusers(name):
     assert ours.scaling_factor == ref.config.scaling_factor
     gen = torch.Generator().manual_seed(2)
     image = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
+    z = torch.randn(2, 4, 5, 6, generator=gen)
+    encode, decode = reduction_terms(ours, lambda: ours.encode(image)), reduction_terms(ours, lambda: ours.decode(z))
     with torch.no_grad():
         mean, logvar = ours.encode(image)
         posterior = ref.encode(image).latent_dist
-        assert_close(f"vae {name} mean", mean, posterior.mean)
-        assert_close(f"vae {name} logvar", logvar, posterior.logvar)
-        z = torch.randn(2, 4, 5, 6, generator=gen)
-        assert_close(f"vae {name} decode", ours.decode(z), ref.decode(z).sample)
+        assert_close(f"vae {name} mean", mean, posterior.mean, encode)
+        assert_close(f"vae {name} logvar", logvar, posterior.logvar, encode)
+        assert_close(f"vae {name} decode", ours.decode(z), ref.decode(z).sample, decode)
 
 
 def test_vae_clamps_logvar():
