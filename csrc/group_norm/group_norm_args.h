@@ -24,9 +24,12 @@ struct Prepared {
   at::Tensor x;  // x itself, or its contiguous copy
   bool channels_last = false;
   int64_t batch = 0, channels = 0, groups = 0, spatial = 1;
-  // float32 and contiguous, or undefined when not given
+  // The parameters as given (checked: device, floating dtype, shape), or undefined when
+  // not given. Each kernel reads them in their own dtype and strides where it can
+  // (group_norm_cpu.cpp: any; group_norm_cuda.cu: float32 or x's dtype, unit channel
+  // stride) and converts only what it cannot read, so a U-Net's fp16 parameters cost no
+  // cast kernel per call. weight/bias are [C]; scale/shift are [B, C] or [1, C].
   at::Tensor weight, bias, scale, shift;
-  int64_t scale_bstride = 0, shift_bstride = 0;  // C, or 0 for a [1, C] row shared by all samples
   float eps = 0.f;
   bool silu = false;
   at::Tensor out;
@@ -65,12 +68,11 @@ inline at::Tensor per_channel(const c10::optional<at::Tensor>& t, const at::Tens
               " must be a floating-point tensor, got ", t->scalar_type());
   TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "group_norm: ", name, " has shape ",
               t->sizes(), ", expected [C] = [", x.size(1), "]");
-  return t->to(at::kFloat).contiguous();
+  return *t;
 }
 
 inline at::Tensor per_sample(const c10::optional<at::Tensor>& t, const at::Tensor& x,
-                             const char* name, int64_t* bstride) {
-  *bstride = 0;
+                             const char* name) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   TORCH_CHECK(t->device() == x.device(), "group_norm: ", name, " is on ", t->device(),
               " but x is on ", x.device());
@@ -80,9 +82,12 @@ inline at::Tensor per_sample(const c10::optional<at::Tensor>& t, const at::Tenso
   TORCH_CHECK(t->dim() == 2 && t->size(1) == C && (t->size(0) == B || t->size(0) == 1),
               "group_norm: ", name, " has shape ", t->sizes(), ", expected [B, C] = [", B, ", ",
               C, "] (or [1, C])");
-  *bstride = t->size(0) == 1 ? 0 : C;
-  return t->to(at::kFloat).contiguous();
+  return *t;
 }
+
+// The distance between the rows of samples b and b + 1 of a per-sample parameter: 0 for
+// a [1, C] row shared by every sample (whatever its stride says).
+inline int64_t sample_stride(const at::Tensor& t) { return t.size(0) == 1 ? 0 : t.stride(0); }
 
 inline Prepared prepare(const at::Tensor& x, int64_t num_groups,
                         const c10::optional<at::Tensor>& weight,
@@ -105,8 +110,8 @@ inline Prepared prepare(const at::Tensor& x, int64_t num_groups,
   for (int64_t d = 2; d < x.dim(); ++d) p.spatial *= x.size(d);
   p.weight = per_channel(weight, x, "weight");
   p.bias = per_channel(bias, x, "bias");
-  p.scale = per_sample(scale, x, "scale", &p.scale_bstride);
-  p.shift = per_sample(shift, x, "shift", &p.shift_bstride);
+  p.scale = per_sample(scale, x, "scale");
+  p.shift = per_sample(shift, x, "shift");
   p.eps = static_cast<float>(eps);
   p.silu = silu;
   p.out = output_like(x);

@@ -422,19 +422,53 @@ FD_DISPATCH(rows_affine, typename T FD_COMMA bool Silu, T FD_COMMA Silu,
 
 // ----------------------------------------------------------------- drivers
 
+// One parameter as given: read where it lies, in its own dtype and strides, and widened to
+// float per channel (the twin's weight.float()); nothing is cast or copied per call. Only a
+// dtype without a case below (the float8 types) is converted, once per call.
+struct ParamRef {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t stride = 0, bstride = 0;  // between channels; between samples (0: one shared row)
+  at::Tensor converted;             // keeps a conversion alive
+
+  static ParamRef of(const at::Tensor& t, bool per_sample) {
+    ParamRef r;
+    if (!t.defined()) return r;
+    at::Tensor u = t;
+    const auto dt = u.scalar_type();
+    if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kDouble)
+      u = r.converted = u.to(at::kFloat);
+    r.data = u.data_ptr();
+    r.dtype = u.scalar_type();
+    r.stride = u.stride(per_sample ? 1 : 0);
+    r.bstride = per_sample ? sample_stride(u) : 0;
+    return r;
+  }
+
+  explicit operator bool() const { return data != nullptr; }
+
+  // The value for sample b, channel c (a per-channel parameter ignores b).
+  float at(int64_t b, int64_t c) const {
+    const int64_t i = b * bstride + c * stride;
+    switch (dtype) {
+      case at::kHalf: return static_cast<float>(static_cast<const at::Half*>(data)[i]);
+      case at::kBFloat16: return static_cast<float>(static_cast<const at::BFloat16*>(data)[i]);
+      case at::kDouble: return static_cast<float>(static_cast<const double*>(data)[i]);
+      default: return static_cast<const float*>(data)[i];
+    }
+  }
+};
+
 struct Coeffs {
-  const float *weight = nullptr, *bias = nullptr, *scale = nullptr, *shift = nullptr;
-  int64_t scale_bstride = 0, shift_bstride = 0;
+  ParamRef weight, bias, scale, shift;
   float eps = 0.f;
 
   static Coeffs of(const Prepared& p) {
     Coeffs k;
-    if (p.weight.defined()) k.weight = p.weight.data_ptr<float>();
-    if (p.bias.defined()) k.bias = p.bias.data_ptr<float>();
-    if (p.scale.defined()) k.scale = p.scale.data_ptr<float>();
-    if (p.shift.defined()) k.shift = p.shift.data_ptr<float>();
-    k.scale_bstride = p.scale_bstride;
-    k.shift_bstride = p.shift_bstride;
+    k.weight = ParamRef::of(p.weight, false);
+    k.bias = ParamRef::of(p.bias, false);
+    k.scale = ParamRef::of(p.scale, true);
+    k.shift = ParamRef::of(p.shift, true);
     k.eps = p.eps;
     return k;
   }
@@ -444,10 +478,10 @@ struct Coeffs {
   void channel(const Moments& m, int64_t b, int64_t c, float* mean, float* a, float* off) const {
     const double var = m.n > 0 ? std::max(m.m2 / m.n, 0.0) : 0.0;
     const double rstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
-    const double w = weight ? weight[c] : 1.0;
-    const double bi = bias ? bias[c] : 0.0;
-    const double s = scale ? 1.0 + scale[b * scale_bstride + c] : 1.0;
-    const double sh = shift ? shift[b * shift_bstride + c] : 0.0;
+    const double w = weight ? weight.at(0, c) : 1.0;
+    const double bi = bias ? bias.at(0, c) : 0.0;
+    const double s = scale ? 1.0 + scale.at(b, c) : 1.0;
+    const double sh = shift ? shift.at(b, c) : 0.0;
     // A NaN in the group makes the mean NaN, and with it every output, as in torch.
     *mean = static_cast<float>(m.n > 0 ? m.mean : 0.0);
     *a = static_cast<float>(rstd * w * s);

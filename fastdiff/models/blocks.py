@@ -19,7 +19,9 @@ from .. import ops
 
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm's parameters (weight, bias) over ``ops.group_norm``; ``silu=True``
-    applies the SiLU that follows the norm in the same pass."""
+    applies the SiLU that follows the norm in the same pass. The parameters go to the op as
+    they are: the kernels read them in their own dtype (fp32, or fp16/bf16 after
+    ``model.half()``), with no cast per call."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
         super().__init__()

@@ -6,6 +6,10 @@
 
 x is [B, C, *spatial] in float32, float16 or bfloat16; the output has x's dtype and layout
 (channels-last in, channels-last out). The twin is ``fastdiff.ops.reference.group_norm``.
+weight/bias ([C]) and scale/shift ([B, C] or [1, C]) may have any float dtype and strides;
+the kernels read them where they lie and widen them to float32 in registers, so an fp16
+model's parameters cost no cast per call (the CUDA C++ kernel converts, once per call, only
+dtypes other than float32 and x's, and channel strides other than 1).
 
 Implementations (``implementation(device)`` names the one in use): C++ with OpenMP on CPU
 (csrc/group_norm/group_norm_cpu.cpp); on CUDA the CUDA C++ kernel (group_norm_cuda.cu),
