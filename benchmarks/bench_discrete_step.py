@@ -15,7 +15,9 @@ the whole step from those halves to the next tokens, the draw of its Gumbel nois
 Before timing, each side runs once from the same generator seed and its tokens must equal the
 twin's (fastdiff's and Triton's log-probs too, to 1e-5). The log-probs are "model-like":
 shared logits plus a small conditional difference that guidance amplifies; at 0.86 the
-truncation keeps about 200 of the 4096 classes per token (recorded in extra_info).
+truncation keeps about 200 of the 4096 classes per token (recorded in extra_info). Every side
+is timed the same way (timing.bench: rounds of back-to-back calls between CUDA events on a
+GPU, the wall clock on the CPU; medians per call).
 
     pytest benchmarks/bench_discrete_step.py --benchmark-only
 """
@@ -27,6 +29,7 @@ import torch
 from fastdiff.ops import _library, reference
 from fastdiff.ops.discrete_step import discrete_step
 from fastdiff.sampling.discrete import discrete_step_rows, gumbel_uniform
+from timing import assert_varied, bench
 
 try:
     from diffusers import VQDiffusionPipeline, VQDiffusionScheduler
@@ -36,9 +39,11 @@ except ImportError:
 K, N, T, STEP, SCALE = 4097, 1024, 100, 50, 5.0
 SEED = 1
 LOGP_TOL = 1e-5
-# pedantic rounds per side (after the equality run, which also warms up): the sides differ
-# by 10x in cost, and each case should stay within a few seconds on a 2-core CPU.
+# Timed rounds per side on the CPU (after the equality run, which also warms up): the sides
+# differ by 10x in cost, and each case should stay within a few seconds on a 2-core CPU.
+# A step is 0.1-3 s there, so a round is one call. On a GPU every side gets CUDA_ROUNDS.
 ROUNDS = {"fastdiff": 5, "triton": 5, "twin": 3, "diffusers": 2}
+CUDA_ROUNDS = 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,22 +136,16 @@ def _bench(benchmark, impl, B, rate, device):
     assert torch.equal(got_tokens, want_tokens), f"{impl} tokens differ from the twin's"
     if impl in ("fastdiff", "triton"):
         torch.testing.assert_close(got_logp, want_logp, atol=LOGP_TOL, rtol=0)
+    assert_varied(cond=case["cond"], uncond=case["uncond"], x_t=case["x_t"])
     kept = _kept_classes(case)
-    benchmark.extra_info.update(
-        threads=torch.get_num_threads(), device=device, dtype="float32", B=B, N=N, K=K,
-        guidance_scale=SCALE, truncation_rate=rate, t=STEP,
-        kept_classes_median=kept.median().item(),
-        implementation=_implementation(impl, device))
     gen = _generator(device)
     if device == "cuda":
-        def run():
-            out = fn(case, gen)
-            torch.cuda.synchronize()
-            return out
-    else:
-        def run():
-            return fn(case, gen)
-    benchmark.pedantic(run, rounds=ROUNDS[impl], warmup_rounds=0)
+        timing = dict(rounds=CUDA_ROUNDS)
+    else:  # one call per round, and the equality run was the warm-up: no probe
+        timing = dict(rounds=ROUNDS[impl], calls=1, warmup_rounds=0)
+    bench(benchmark, lambda: fn(case, gen), device=device, **timing,
+          dtype="float32", shape=dict(log_probs=[B, K - 1, N], tokens=[B, N]), B=B, N=N, K=K, guidance_scale=SCALE, truncation_rate=rate, t=STEP,
+          kept_classes_median=kept.median().item(), implementation=_implementation(impl, device))
 
 
 def _implementation(impl, device):

@@ -10,6 +10,9 @@ Cases: the resnet norms of SD 1.5 at 64x64 latents (320 ch at 64x64, 640 at 32x3
 with per-sample scale and shift. CPU in float32 (a small set: it should finish in well under a
 minute on 2 cores); CUDA in float16 where a GPU is present. Before timing, each side's output
 must equal the twin's (fastdiff.ops.reference.group_norm) within the tolerance of its dtype.
+Every side is timed the same way (timing.bench: rounds of back-to-back calls between CUDA
+events on a GPU, the wall clock on the CPU; medians per call); GB/s in extra_info counts one
+read of x and one write of y per call.
 
     pytest benchmarks/bench_group_norm.py --benchmark-only
     pytest benchmarks/bench_group_norm.py --benchmark-only --benchmark-group-by=group \
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 
 from fastdiff.ops import _library, reference
 from fastdiff.ops.group_norm import group_norm
+from timing import assert_varied, bench
 
 GROUPS, EPS = 32, 1e-5
 # (name, shape, channels_last, scale_shift)
@@ -34,7 +38,7 @@ CASES = [
     ("sd-down0-nhwc", (2, 320, 64, 64), True, False),
     ("adm-scale-shift", (2, 320, 32, 32), False, True),
 ]
-ROUNDS = {"cpu": 30, "cuda": 200}
+ROUNDS = {"cpu": 30, "cuda": 30}
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,20 +94,16 @@ def _bench(benchmark, impl, case, device, dtype):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         else:  # torch's own fp16 path rounds its intermediate results too
             torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
-    benchmark.extra_info.update(threads=torch.get_num_threads(), device=device, dtype=str(dtype),
-                                shape=list(shape), layout="NHWC" if channels_last else "NCHW",
-                                scale_shift=scale_shift, implementation=_implementation(impl, device))
-    if device == "cuda":
-        def run():
-            with torch.no_grad():
-                out = fn(*args)
-            torch.cuda.synchronize()
-            return out
-    else:
-        def run():
-            with torch.no_grad():
-                return fn(*args)
-    benchmark.pedantic(run, rounds=ROUNDS[device], iterations=3, warmup_rounds=2)
+    assert_varied(x=args[0], weight=args[1], bias=args[2], scale=args[3], shift=args[4])
+
+    def run():
+        with torch.no_grad():
+            return fn(*args)
+
+    traffic = 2 * args[0].numel() * args[0].element_size()
+    bench(benchmark, run, device=device, rounds=ROUNDS[device], bytes_moved=traffic, dtype=str(dtype),
+          shape=list(shape), layout="NHWC" if channels_last else "NCHW", scale_shift=scale_shift,
+          implementation=_implementation(impl, device))
 
 
 @pytest.mark.skipif(not _library.extension_loaded(), reason="fastdiff._C not built")

@@ -1,8 +1,11 @@
 """guided_step (CFG combine + DPM-Solver++(2M) update) fused vs its eager PyTorch twin.
 
 Each case first asserts the fused kernel equals the twin on the same inputs, then
-times both in the same process with the same thread count. Shapes are the sample
-x = B x C x H x W; the model output is the CFG batch 2B x C x H x W, split in views.
+times both in the same process with the same thread count, the same way (timing.bench:
+rounds of back-to-back calls between CUDA events on a GPU, the wall clock on the CPU;
+medians per call). Shapes are the sample x = B x C x H x W; the model output is the CFG
+batch 2B x C x H x W, split in views. GB/s in extra_info counts the fused kernel's minimum
+traffic: read x, cond, uncond and the history, write x_next and x0.
 
     pytest benchmarks/ --benchmark-only
 """
@@ -12,6 +15,7 @@ import torch
 from fastdiff.ops import _library, reference
 from fastdiff.ops.guided_step import guided_step
 from fastdiff.sampling import SchedulerConfig, steps as S
+from timing import assert_varied, bench
 
 SHAPES = [(2, 4, 64, 64), (2, 4, 128, 128), (2, 3, 256, 256)]
 SD = SchedulerConfig.from_dict(dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -43,21 +47,15 @@ def eager(case):
     return reference.guided_step(*case.values())
 
 
-def _cuda_sync_wrap(fn):
-    def run(case):
-        out = fn(case)
-        torch.cuda.synchronize()
-        return out
-    return run
-
-
 def _bench(benchmark, impl, case, tol):
     got, want = impl(case), eager(case)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol)
-    benchmark.extra_info.update(threads=torch.get_num_threads(), dtype=str(case["x"].dtype),
-                                shape=list(case["x"].shape))
-    benchmark(impl, case)
+    x = case["x"]
+    assert_varied(x=x, cond=case["cond"], uncond=case["uncond"], history=case["history"][0])
+    traffic = (5 + len(case["history"])) * x.numel() * x.element_size()
+    bench(benchmark, lambda: impl(case), device=x.device, rounds=30 if x.is_cuda else 20, bytes_moved=traffic,
+          dtype=str(x.dtype), shape=list(x.shape))
 
 
 @pytest.mark.skipif(not _library.extension_loaded(), reason="fastdiff._C not built")
@@ -80,4 +78,4 @@ def test_guided_step_cuda_fp16(benchmark, impl, shape):
         fn = lambda c: guided_step_triton(*c.values())  # noqa: E731
     else:
         fn = fused if impl == "fused" else eager
-    _bench(benchmark, _cuda_sync_wrap(fn), case, 2e-3)
+    _bench(benchmark, fn, case, 2e-3)

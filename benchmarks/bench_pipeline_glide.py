@@ -22,6 +22,7 @@ from fastdiff.guidance import ClassifierFreeGuidance
 from fastdiff.models.adm_unet import Text2ImUNet
 from fastdiff.ops.guided_step import guided_step
 from fastdiff.sampling.respaced import RespacedSchedule, respaced_ddpm_plan
+from timing import bench
 
 OPTIONS = R.glide_options(num_channels=64, num_res_blocks=3, xf_width=256, xf_layers=4, xf_heads=4,
                           use_fp16=False, timestep_respacing="100")
@@ -76,11 +77,12 @@ def test_glide_base_step_cpu_fp32(benchmark, setup, impl):
     with torch.no_grad():
         got, want = fastdiff_step(), reference_step()
     assert (got - want).abs().max().item() <= 1e-4
-    benchmark.extra_info.update(threads=torch.get_num_threads(), options="num_channels=64 xf_width=256 xf_layers=4")
     fn = fastdiff_step if impl == "fastdiff" else reference_step
 
     def run():
         with torch.no_grad():
             return fn()
 
-    benchmark.pedantic(run, rounds=10, warmup_rounds=2)
+    bench(benchmark, run, device="cpu", rounds=10, calls=1, warmup_rounds=2, dtype="torch.float32",
+          shape=dict(x=[1, 3, 64, 64], model_batch=2, text_ctx=OPTIONS["text_ctx"]),
+          options="num_channels=64 xf_width=256 xf_layers=4")

@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
 from sd_fixtures import make_pipeline, with_scheduler  # noqa: E402
+from timing import bench  # noqa: E402
 
 STEPS, SIZE = 20, 128
 
@@ -42,6 +43,6 @@ def test_sd_pipeline_cpu_fp32(benchmark, pipes, impl):
     benchmark.group = f"sd pipeline cpu fp32 {SIZE}px {STEPS} steps dpmpp_2m cfg"
     got, want = run_fastdiff(ours, latents), run_diffusers(ref, latents)
     assert (got - want).abs().max().item() <= 2e-3
-    benchmark.extra_info.update(threads=torch.get_num_threads(), steps=STEPS, size=SIZE)
     fn = (lambda: run_fastdiff(ours, latents)) if impl == "fastdiff" else (lambda: run_diffusers(ref, latents))
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    bench(benchmark, fn, device="cpu", rounds=5, calls=1, warmup_rounds=1, dtype="torch.float32", steps=STEPS,
+          size=SIZE, shape=dict(latents=list(latents.shape)))

@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
 from vq_pipeline_fixtures import load_diffusers_pipeline, make_vq_components  # noqa: E402
+from timing import bench  # noqa: E402
 
 STEPS, CODES, GRID = 10, 4096, 32
 PROMPT = "a red circle"
@@ -44,6 +45,6 @@ def test_vq_pipeline_cpu_fp32(benchmark, pipes, impl):
     benchmark.group = f"vq-diffusion pipeline cpu fp32 {GRID}x{GRID} tokens K={CODES + 1} {STEPS} steps cfg trunc"
     got, want = run_fastdiff(ours), run_diffusers(ref)
     assert abs(got - want).max() <= 1e-4
-    benchmark.extra_info.update(threads=torch.get_num_threads(), steps=STEPS, tokens=GRID * GRID, classes=CODES + 1)
     fn = (lambda: run_fastdiff(ours)) if impl == "fastdiff" else (lambda: run_diffusers(ref))
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+    bench(benchmark, fn, device="cpu", rounds=3, calls=1, warmup_rounds=1, dtype="torch.float32", steps=STEPS,
+          shape=dict(tokens=[GRID, GRID], classes=CODES + 1))

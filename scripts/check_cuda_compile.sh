@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Compiles every csrc/*/*_cuda.cu to an object file (no link, no GPU needed), so
-# CUDA sources can be checked on machines whose torch is a CPU build.
+# CUDA sources can be checked on machines whose torch is a CPU build, and reads ptxas's
+# resource report (-Xptxas -v) of every kernel: registers, spilled bytes, shared memory.
+# Fails when a file does not compile or a kernel spills registers.
 #
 # Flags follow what setup.py and torch's CUDAExtension pass to nvcc, so a file
 # that passes here should also pass in the real build.
 #   TORCH_CUDA_ARCH_LIST  architectures, as in setup.py (default "8.0;9.0")
 #   PYTHON                interpreter whose torch supplies the headers
 #   NVCC                  compiler (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc)
+#   REPORT                write the per-kernel resources here as JSON
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -47,7 +50,7 @@ PY
 abi=$(sed -n 1p <<<"$torch_info")
 read -r -a torch_includes <<<"$(sed -n 2p <<<"$torch_info")"
 
-flags=(-std=c++17 -O3 --expt-relaxed-constexpr -Xcompiler -fPIC -Icsrc)
+flags=(-std=c++17 -O3 --expt-relaxed-constexpr -Xcompiler -fPIC -Icsrc -Xptxas -v)
 for dir in "${torch_includes[@]}"; do
   flags+=("-I$dir")
   # This generated header exists only in CUDA builds of torch; on Linux it only
@@ -78,7 +81,8 @@ failed=()
 for src in "${sources[@]}"; do
   obj="$tmp/$(basename "${src%.cu}").o"
   echo "check_cuda_compile: $src"
-  if ! "$NVCC" -c "$src" -o "$obj" "${flags[@]}"; then
+  if ! "$NVCC" -c "$src" -o "$obj" "${flags[@]}" 2>"$tmp/$(basename "$src").ptxas"; then
+    cat "$tmp/$(basename "$src").ptxas" >&2
     echo "check_cuda_compile: FAILED: $src" >&2
     failed+=("$src")
   fi
@@ -89,3 +93,56 @@ if (( ${#failed[@]} > 0 )); then
   exit 1
 fi
 echo "check_cuda_compile: ${#sources[@]} file(s) compiled for ${archs[*]}."
+
+# ptxas -v: "Compiling entry function 'NAME' for 'sm_90'", then "N bytes stack frame, S bytes
+# spill stores, L bytes spill loads" and "Used R registers, ... M bytes smem".
+"$PYTHON" - "$tmp" "${REPORT:-}" <<'PY'
+import glob, json, os, re, subprocess, sys
+
+folder, report = sys.argv[1], sys.argv[2]
+kernels, current = [], None
+for path in sorted(glob.glob(os.path.join(folder, "*.ptxas"))):
+    source = os.path.basename(path)[: -len(".ptxas")]
+    for line in open(path):
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if m:
+            current = {"source": source, "mangled": m.group(1), "arch": m.group(2), "registers": 0,
+                       "spill_stores": 0, "spill_loads": 0, "stack": 0, "smem": 0}
+            kernels.append(current)
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["smem"] = int(s.group(1)) if s else 0
+names = [k["mangled"] for k in kernels]
+try:
+    demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+except (OSError, subprocess.CalledProcessError):
+    demangled = names
+for k, name in zip(kernels, demangled):
+    name = name.replace("(anonymous namespace)", "{anon}")
+    k["kernel"] = re.sub(r"\(.*", "", name)  # drop the parameter list
+print(f"{'arch':<6} {'regs':>4} {'spill st/ld B':>13} {'stack B':>7} {'smem B':>7}  kernel")
+for k in sorted(kernels, key=lambda k: (k["source"], k["kernel"], k["arch"])):
+    print(f"{k['arch']:<6} {k['registers']:>4} {k['spill_stores']:>6}/{k['spill_loads']:<6} {k['stack']:>7} "
+          f"{k['smem']:>7}  {k['kernel']}")
+spilling = [k for k in kernels if k["spill_stores"] or k["spill_loads"]]
+if report:
+    with open(report, "w") as fh:
+        json.dump(kernels, fh, indent=1)
+if not kernels:
+    sys.exit("check_cuda_compile: ptxas reported no kernels (was -Xptxas -v passed?)")
+if spilling:
+    for k in spilling:
+        print(f"check_cuda_compile: SPILLS on {k['arch']}: {k['kernel']} "
+              f"({k['spill_stores']} B stored, {k['spill_loads']} B loaded)", file=sys.stderr)
+    sys.exit(1)
+print(f"check_cuda_compile: {len(kernels)} kernel instantiations, none spills.")
+PY

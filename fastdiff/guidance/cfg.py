@@ -74,6 +74,23 @@ class ClassifierFreeGuidance:
             if self.guided else None
         )
 
+    def graph_key(self) -> tuple:
+        """What a captured step bakes in about this denoiser (besides the model's weights):
+        runs with equal keys can replay each other's graphs after ``graph_inputs`` are
+        copied over (fastdiff.sampling.graphs.GraphCache)."""
+        from ..sampling.graphs import conditioning_signature
+
+        conditioning = self.batched_cond if self.guided else self.cond
+        return (self.guided, self.uncond_first, self.rescale, self._scale_cpu.numel(),
+                conditioning_signature(conditioning))
+
+    def graph_inputs(self, device: torch.device) -> list:
+        """The tensors a captured step reads from this denoiser, in graph_key's order."""
+        from ..sampling.graphs import conditioning_tensors
+
+        conditioning = self.batched_cond if self.guided else self.cond
+        return conditioning_tensors(conditioning) + [self.scale_on(device)]
+
     def scale_on(self, device: torch.device) -> Tensor:
         if device not in self._scale:
             self._scale[device] = self._scale_cpu.to(device)

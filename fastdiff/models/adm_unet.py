@@ -401,7 +401,8 @@ class Text2ImUNet(nn.Module):
             raise ValueError("this model has no text transformer (xf_width=0)")
         if tokens.dim() != 2 or tokens.shape[1] != self.text_ctx:
             raise ValueError(f"tokens must be [B, text_ctx={self.text_ctx}], got {tuple(tokens.shape)}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.n_vocab:
+        # (Meta tensors, as fastdiff.ops.triton.resources runs the model on, carry no values.)
+        if not tokens.is_meta and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_vocab):
             raise ValueError(f"token ids must lie in [0, {self.n_vocab}) for this model's vocabulary")
         xf_in = self.token_embedding(tokens.long()) + self.positional_embedding[None]
         if self.xf_padding:

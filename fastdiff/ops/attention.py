@@ -3,9 +3,10 @@
 Models call ``fastdiff.ops.attention`` and never a kernel directly. The op
 ``torch.ops.fastdiff.attention`` dispatches per device:
 
-  CUDA  the flash-style Triton kernel (fastdiff/ops/triton/attention.py): tiled, online
-        softmax, fp32 accumulation, head dims split into power-of-two parts instead of
-        padded; PyTorch's SDPA where Triton is absent or cannot serve the operands.
+  CUDA  the flash-style Triton kernel (fastdiff/ops/triton/attention.py) for fp16/bf16:
+        tiled, online softmax, fp32 accumulation, head dims split into power-of-two parts
+        instead of padded; PyTorch's SDPA for fp32 (FP32_ON_CUDA below), where Triton is
+        absent or cannot serve the operands, or where no tiling fits the GPU at hand.
   CPU   PyTorch's scaled_dot_product_attention, whose CPU backend is itself a tiled,
         OpenMP-parallel flash kernel; benchmarks/bench_attention.py measures it against
         the math path.
@@ -20,6 +21,7 @@ attention runs SDPA, which is differentiable, instead of the op.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -56,13 +58,35 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], s
     return out
 
 
+# fp32 on CUDA: the flash kernel's fp32 products run on CUDA cores (IEEE, no TF32), where
+# only small tiles fit without spilling; PyTorch's SDPA serves fp32 with its memory-efficient
+# kernel instead. Which of the two is faster has not been measured on a GPU yet
+# (benchmarks/bench_attention.py times both; benchmarks/RESULTS.md); SDPA is the default
+# until it is. The "triton" backend forces the kernel for every dtype.
+FP32_ON_CUDA = "sdpa"
+_fallback_warned = set()
+
+
 def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                  scale: Optional[float]) -> Tensor:
     from .triton import attention as triton_attention
+    from .triton._launch import is_out_of_resources
 
-    if triton_attention.check_supported(q, k, v) is None:
+    if triton_attention.check_supported(q, k, v) is not None:
+        return _sdpa(q, k, v, key_padding_mask, scale)
+    if q.dtype == torch.float32 and FP32_ON_CUDA == "sdpa":
+        return _sdpa(q, k, v, key_padding_mask, scale)
+    try:
         return triton_attention.attention_triton(q, k, v, key_padding_mask, scale)
-    return _sdpa(q, k, v, key_padding_mask, scale)
+    except Exception as exc:  # noqa: BLE001
+        if not is_out_of_resources(exc):
+            raise
+        key = (q.shape[2], k.shape[2], q.shape[3], q.dtype)
+        if key not in _fallback_warned:
+            _fallback_warned.add(key)
+            warnings.warn(f"attention: no Triton tiling fits this GPU for Lq={key[0]}, Lk={key[1]}, D={key[2]}, "
+                          f"{q.dtype} ({exc}); using PyTorch's SDPA", RuntimeWarning, stacklevel=2)
+        return _sdpa(q, k, v, key_padding_mask, scale)
 
 
 def _register_python_kernels() -> None:
@@ -125,7 +149,11 @@ def implementation(device_type: str) -> str:
     if device_type == "cuda":
         if "CUDA" in _compiled_keys and backend != "triton":
             return "CUDA C++"
-        return "Triton (flash)" if _library.triton_available() else "PyTorch SDPA"
+        if not _library.triton_available():
+            return "PyTorch SDPA"
+        if backend == "triton" or FP32_ON_CUDA != "sdpa":
+            return "Triton (flash)"
+        return "Triton (flash); PyTorch SDPA for fp32"
     if device_type == "cpu":
         return "C++ (OpenMP)" if "CPU" in _compiled_keys else "PyTorch SDPA"
     return "reference"

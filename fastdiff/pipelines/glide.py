@@ -32,6 +32,7 @@ from torch import Tensor
 from ..guidance import ClassifierFreeGuidance
 from ..models.adm_unet import Text2ImUNet
 from ..sampling import SAMPLERS, SchedulerConfig, run_plan, sample
+from ..sampling.graphs import GraphCache
 from ..sampling.respaced import RespacedSchedule, named_betas, respaced_ddim_plan, respaced_ddpm_plan
 from ..sampling.schedules import SAMPLER_CLASS
 from .base import Pipeline, check_prompts, make_generator, to_output
@@ -129,6 +130,8 @@ class GlidePipeline(Pipeline):
         if base.super_res:
             raise ValueError("the base model must not be a super-resolution model (super_res=False)")
         self.base, self.upsampler, self.tokenizer, self.clip = base, upsampler, tokenizer, clip
+        # Step graphs of generate(cuda_graph=True) (base and upsampler), kept for later calls.
+        self.graph_cache = GraphCache()
         for model in (base, upsampler):
             if model is not None and model.xf_width and model.n_vocab != tokenizer.n_vocab:
                 raise ValueError(f"the tokenizer has {tokenizer.n_vocab} tokens but a model's token embedding has "
@@ -199,6 +202,7 @@ class GlidePipeline(Pipeline):
     def _run_stage(self, model: Text2ImUNet, denoiser, x: Tensor, sampler: str, steps, *, eta: float,
                    clip_denoised: bool, draws: _GlideDraws, cond_fn, callback, progress: bool, stage: str,
                    denoised_fn=None, cuda_graph: bool = False):
+        graphs = self.graph_cache.scope(stage, model) if cuda_graph else False
         stage_callback = None
         if callback is not None:
             def stage_callback(info):
@@ -209,7 +213,7 @@ class GlidePipeline(Pipeline):
                     if sampler == "ddpm" else respaced_ddim_plan(schedule, eta, clip_denoised))
             plan.name = f"{stage} ({sampler})"
             out = run_plan(denoiser, x, plan, noise=draws, callback=stage_callback, progress=progress,
-                           cond_fn=cond_fn, denoised_fn=denoised_fn, cuda_graph=cuda_graph)
+                           cond_fn=cond_fn, denoised_fn=denoised_fn, cuda_graph=graphs)
             draws.finish(len(plan.steps), x.shape)
             return out
         if cond_fn is not None:
@@ -225,7 +229,7 @@ class GlidePipeline(Pipeline):
             raise ValueError(f"sampler {sampler!r} takes a step count, not the respacing {steps!r} "
                              f"(respacings are for ddpm and ddim)")
         return sample(sampler, denoiser, x, config, int(steps), generator=draws.generator, progress=progress,
-                      callback=stage_callback, cuda_graph=cuda_graph)
+                      callback=stage_callback, cuda_graph=graphs)
 
     # ------------------------------------------------------------------ generation
 
@@ -259,7 +263,8 @@ class GlidePipeline(Pipeline):
         and upsample=True.
 
         cuda_graph=True replays each step from a captured CUDA graph (same images; not with
-        CLIP/classifier guidance or inpainting, which run user code inside the step).
+        CLIP/classifier guidance or inpainting, which run user code inside the step). The
+        graphs stay in ``self.graph_cache`` for later calls with the same shapes.
 
         num_inference_steps / upsample_steps: a GLIDE respacing ("100", "fast27", "ddim50",
         "10,10,3,2,2") for the ddpm and ddim samplers, a step count for the others. image +
@@ -369,7 +374,7 @@ class GlidePipeline(Pipeline):
 
         cond = dict(text=cond_text, **inputs)
         if uncond_text is None or float(scale) == 1.0:
-            return lambda x, t: call(x, t, cond)
+            return ClassifierFreeGuidance(call, cond, None, 1.0)
         uncond = dict(text=uncond_text, **inputs)
         # GLIDE's order: conditional half first.
         return ClassifierFreeGuidance(call, cond, uncond, float(scale), uncond_first=False)

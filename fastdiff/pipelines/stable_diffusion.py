@@ -16,7 +16,7 @@ from torch import Tensor
 from ..guidance import ClassifierFreeGuidance
 from ..loaders import diffusers_folder as folder_io
 from ..sampling import SAMPLERS, SchedulerConfig, sample
-from ..sampling.schedules import SAMPLER_CLASS
+from ..sampling.graphs import GraphCache
 from .base import Pipeline, check_prompts, make_generator, to_output
 
 SD_SCHEDULER_DEFAULTS = dict(
@@ -36,6 +36,8 @@ class StableDiffusionPipeline(Pipeline):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+        # Step graphs of generate(cuda_graph=True), replayed by later calls with the same shapes.
+        self.graph_cache = GraphCache()
 
     # ------------------------------------------------------------------ loading
 
@@ -216,7 +218,9 @@ class StableDiffusionPipeline(Pipeline):
         """Images for `prompt` (a string or a list); see the README for every argument.
 
         cuda_graph=True captures each step (UNet on the CFG batch + guided_step) as a CUDA
-        graph and replays it (needs the pipeline on a CUDA device; same images).
+        graph and replays it (needs the pipeline on a CUDA device; same images). The graphs
+        stay in ``self.graph_cache``: a later call with the same batch, size, sampler and
+        weights replays them without capturing again.
         """
         prompts = check_prompts(prompt)
         negative = None
@@ -244,10 +248,11 @@ class StableDiffusionPipeline(Pipeline):
         def unet(x, t, cond):
             return self.unet(x, t, encoder_hidden_states=cond)
 
-        denoiser = ClassifierFreeGuidance(unet, embeds, neg, guidance_scale, uncond_first=True,
-                                          rescale=guidance_rescale) if guided else (lambda x, t: unet(x, t, embeds))
+        denoiser = ClassifierFreeGuidance(unet, embeds, neg if guided else None, guidance_scale,
+                                          uncond_first=True, rescale=guidance_rescale if guided else 0.0)
         config = self.scheduler_config
-        kw = dict(generator=generator, progress=progress, callback=callback, cuda_graph=cuda_graph)
+        graphs = self.graph_cache.scope("unet", self.unet) if cuda_graph else False
+        kw = dict(generator=generator, progress=progress, callback=callback, cuda_graph=graphs)
         if sampler == "ddim":
             kw["eta"] = eta
         if image is not None:

@@ -91,7 +91,7 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
              callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = True,
              x_is_noise: bool = True, cond_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
              denoised_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-             cuda_graph: bool = False) -> Tensor:
+             cuda_graph=False) -> Tensor:
     """Execute a plan: one model call and one fused guided_step per step, no host syncs.
 
     x is unit starting noise (scaled by the plan's init_scale), or with x_is_noise=False
@@ -104,7 +104,11 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
     cuda_graph=True captures a whole step (model call + guided_step) as a CUDA graph
     per step signature and replays it (fastdiff/sampling/graphs.py): same samples, no
     per-launch host overhead. The model must not read device values on the host. Not
-    with cond_fn or denoised_fn (they run user code between the step's parts).
+    with cond_fn or denoised_fn (they run user code between the step's parts). Instead of
+    True, a ``graphs.GraphCache`` (or one of its scopes) keeps the graphs for later runs:
+    a run with the same shapes and a denoiser that declares what it bakes in
+    (``graph_key()``/``graph_inputs()``, as ``ClassifierFreeGuidance`` does) replays them
+    without capturing.
     """
     if not plan.steps:
         raise ValueError("nothing to sample: the plan has no steps")
@@ -153,9 +157,10 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
 
     if x_is_noise and plan.init_scale != 1.0:
         x = x * plan.init_scale
-    if cuda_graph:
+    if cuda_graph is not False and cuda_graph is not None:
+        cache = None if cuda_graph is True else cuda_graph
         return _run_graphed(denoiser, x, plan, rows, ts, x0_rows, generator=generator, noise=noise,
-                            callback=callback, progress=progress)
+                            callback=callback, progress=progress, cache=cache)
     store = {}
     last_use = _last_uses(plan.steps)
     with progress_bar(len(plan.steps), plan.name or "sampling", progress) as tick:
@@ -199,25 +204,45 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
 _capture_factory = None
 
 
+def _graph_key(denoiser, x: Tensor, plan: S.Plan, ts: Tensor):
+    """What a run's captured steps bake in besides the denoiser's weights, or None when the
+    denoiser does not say what it bakes in (then its graphs are not kept)."""
+    key = getattr(denoiser, "graph_key", None)
+    if key is None:
+        return None
+    return (key(), tuple(x.shape), x.stride(), x.dtype, x.device, ts.dtype, plan.clip_range, plan.learned_variance)
+
+
 def _run_graphed(denoiser: Denoiser, x: Tensor, plan: S.Plan, rows: Tensor, ts: Tensor, x0_rows: Optional[Tensor],
-                 *, generator, noise, callback, progress) -> Tensor:
+                 *, generator, noise, callback, progress, cache=None) -> Tensor:
     """run_plan's loop with each step replayed from a captured graph (see graphs.py)."""
     from .graphs import StepGraphs, StepSignature, default_capture
 
-    capture = (_capture_factory or default_capture)(x.device)
     # The whole run's noise first, in the eager loop's order: same generator, same draws.
     draws = {i: (noise(i, x) if noise is not None else _randn(x, generator))
              for i, s in enumerate(plan.steps) if s.noise}
     want_x0 = callback is not None and plan.denoised_is_x0
 
-    def body(signature, x_in, t, row, z, history):
-        out = as_model_output(denoiser(x_in, t))
-        x_next, den = guided_step(x_in, out.cond, out.uncond, out.scale, coeffs=row, noise=z, history=history,
-                                  clip_range=plan.clip_range, learned_variance=plan.learned_variance,
-                                  write_denoised=signature.write_denoised)
-        return out.cond, out.uncond, out.scale, x_next, den
+    key = _graph_key(denoiser, x, plan, ts) if cache is not None else None
+    kept = cache.get(key) if key is not None else None
+    if kept is not None:  # the graphs of an earlier run: refill what they read, replay
+        graphs, kept_denoiser = kept
+        for static, fresh in zip(kept_denoiser.graph_inputs(x.device), denoiser.graph_inputs(x.device)):
+            static.copy_(fresh)
+        graphs.x.copy_(x)
+    else:
+        def body(signature, x_in, t, row, z, history):
+            out = as_model_output(denoiser(x_in, t))
+            x_next, den = guided_step(x_in, out.cond, out.uncond, out.scale, coeffs=row, noise=z,
+                                      history=history, clip_range=plan.clip_range,
+                                      learned_variance=plan.learned_variance,
+                                      write_denoised=signature.write_denoised)
+            return out.cond, out.uncond, out.scale, x_next, den
 
-    graphs = StepGraphs(body, x, ts[0], capture)
+        capture = (_capture_factory or default_capture)(x.device)
+        graphs = StepGraphs(body, x, ts[0], capture, on_capture=None if cache is None else cache.count_capture)
+        if key is not None:
+            cache.put(key, (graphs, denoiser))
     store = {}
     last_use = _last_uses(plan.steps)
     with progress_bar(len(plan.steps), plan.name or "sampling", progress) as tick:

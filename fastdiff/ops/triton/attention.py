@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ._launch import interpreting, is_out_of_resources, launch
 
 try:
     import triton
@@ -58,53 +61,162 @@ def split_head_dim(d: int) -> Tuple[int, int]:
     return d0, d1
 
 
-def launch_config(lq: int, lk: int, d0: int, d1: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a problem.
-
-    Heuristics for sm_80/sm_90, not yet tuned on a GPU (see benchmarks/RESULTS.md).
-    Under the interpreter the tile sizes only change how many numpy products run.
-    """
-    width = d0 + d1
-    block_m = 128 if width <= 128 else 64
-    block_m = min(block_m, max(16, triton.next_power_of_2(lq)))
-    if lk <= 128:  # the whole K/V of a cross-attention in one tile
-        block_n = max(16, triton.next_power_of_2(lk))
-    else:
-        block_n = 64 if width <= 128 else 32
-    num_warps = 8 if block_m * width >= 128 * 128 else 4
-    num_stages = 3 if width <= 128 else 2
-    return block_m, block_n, num_warps, num_stages
-
-
 Config = Tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
-# Configs measured fastest by tune(), per (Lq, Lk, D, dtype, masked); launch_config's heuristic
-# serves shapes not in it. FASTDIFF_ATTENTION_AUTOTUNE=1 tunes each new shape on its first call.
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+# Register budget of a 16-bit tile (see launch_config), in values per program: BLOCK_M x
+# (width + BLOCK_N). Read off ptxas for sm_90 (python -m fastdiff.ops.triton.resources, every
+# family shape and tile): below 128 x 120 four warps hold a tile without spilling (64 x 256,
+# d = 128 against a 128-key tile, spills), up to 128 x 208 eight warps do. Query tiles of 32 rows spill at wide heads whatever the warps
+# (Triton lays the warps along the keys then), so 16-bit tiles keep 64 or 128 rows. A wide
+# head dim split with padded lanes (88 = 64 + 32) needs masked loads and more registers: at
+# most 64 x 64 with eight warps (40 = 32 + 16 is narrow enough not to).
+_FOUR_WARPS_MAX = 128 * 120
+_EIGHT_WARPS_MAX = 128 * 208
+_MIN_ROWS_16BIT = 64
+
+
+def _footprint(block_m: int, block_n: int, width: int) -> int:
+    return block_m * (width + block_n)
+
+
+def _warps_and_stages(block_m: int, block_n: int, d0: int, d1: int, d: int, lk: int,
+                      dtype: torch.dtype) -> Tuple[int, int]:
+    one_tile = lk <= block_n
+    if dtype == torch.float32:
+        return 4, 1 if one_tile else 2
+    width = d0 + d1
+    padded = d != width and width > 64
+    num_warps = 8 if padded or _footprint(block_m, block_n, width) >= _FOUR_WARPS_MAX else 4
+    return num_warps, 1 if one_tile else (3 if width <= 128 else 2)
+
+
+def _max_tiles(d0: int, d1: int, d: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """The largest BLOCK_M and BLOCK_N a problem of this head dim and dtype may use."""
+    width = d0 + d1
+    if dtype == torch.float32:  # IEEE products on CUDA cores: a 32 x 32 tile of a wide head spills
+        return (32, 32) if width <= 128 else (16, 16)
+    if d != width and width > 64:
+        return 64, 64
+    return (128, 128) if width <= 128 else (64, 64)
+
+
+def launch_config(lq: int, lk: int, d0: int, d1: int, dtype: torch.dtype = torch.float16,
+                  d: Optional[int] = None) -> Config:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a problem (head dim d = split d0 + d1,
+    maybe with padded lanes; d defaults to d0 + d1).
+
+    Chosen to fit sm_80/sm_90 (shared memory, and no register spills for 16-bit tiles);
+    fastdiff/ops/triton/resources.py compiles every choice for the shapes of the three
+    model families ahead of time and the suite holds them to sm_90's limits. Not yet
+    tuned for speed on a GPU (benchmarks/RESULTS.md).
+
+    16-bit: a key sequence that fits one tile (CLIP's 77, GLIDE's 128) is loaded once, so
+    nothing is pipelined (one stage); longer keys stream in tiles of 64 (32 for head widths
+    above 128), pipelined over 3 (2) stages. The warps follow the tile's register
+    footprint (_FOUR_WARPS_MAX): 4 warps spill a 128 x 128 score tile (255 registers).
+    fp32: products run on CUDA cores in IEEE fp32 and every operand tile is held in
+    registers, so the tiles are 32 x 32 (16 x 16 for heads wider than 128); ops.attention serves fp32 on CUDA with SDPA by
+    default (see fastdiff/ops/attention.py) and this kernel only when the "triton" backend
+    asks for it. Under the interpreter the tile sizes only change how many numpy products run.
+    """
+    d = d0 + d1 if d is None else d
+    width = d0 + d1
+    max_m, max_n = _max_tiles(d0, d1, d, dtype)
+    block_m = min(max_m, _pow2_at_least(lq))
+    if dtype == torch.float32:
+        block_n = min(max_n, _pow2_at_least(lk))
+    elif lk <= max_n:
+        block_n = _pow2_at_least(lk)
+    else:
+        block_n = 64 if width <= 128 else 32
+    while dtype != torch.float32 and _footprint(block_m, block_n, width) > _EIGHT_WARPS_MAX and \
+            block_m > _MIN_ROWS_16BIT:
+        block_m //= 2
+    return (block_m, block_n) + _warps_and_stages(block_m, block_n, d0, d1, d, lk, dtype)
+
+
+def tune_candidates(lq: int, lk: int, d0: int, d1: int, dtype: torch.dtype = torch.float16,
+                    d: Optional[int] = None) -> Tuple[Config, ...]:
+    """The configs tune() times for a problem: the heuristic's first, then its tiles halved
+    or doubled within the same bounds (_max_tiles, 64-row minimum for 16-bit, the
+    eight-warp register budget), with the warps the rule gives and, where it gives 4,
+    with 8 as well. resources.py compiles every one of them for sm_90."""
+    d = d0 + d1 if d is None else d
+    base = launch_config(lq, lk, d0, d1, dtype, d)
+    block_m, block_n = base[:2]
+    width = d0 + d1
+    max_m, max_n = _max_tiles(d0, d1, d, dtype)
+    min_m = 16 if dtype == torch.float32 else _MIN_ROWS_16BIT
+    ms = {min(m, _pow2_at_least(lq)) for m in (block_m // 2, block_m, block_m * 2) if min_m <= m <= max_m}
+    ns = {n for n in (block_n // 2, block_n, block_n * 2) if 16 <= n <= min(max_n, _pow2_at_least(lk))}
+    out = [base]
+    for m, n in itertools.product(sorted(ms), sorted(ns)):
+        if dtype != torch.float32 and _footprint(m, n, width) > _EIGHT_WARPS_MAX:
+            continue
+        warps, stages = _warps_and_stages(m, n, d0, d1, d, lk, dtype)
+        for w in ((4, 8) if dtype != torch.float32 and warps == 4 else (warps,)):
+            if (m, n, w, stages) not in out:
+                out.append((m, n, w, stages))
+    return tuple(out)
+
+
+def fallback_configs(config: Config) -> Tuple[Config, ...]:
+    """Smaller tilings to retry when a launch does not fit the GPU at hand, last to first
+    resort: the key tile halved, then the query tile, down to 16 x 16 with one stage."""
+    block_m, block_n, num_warps, _ = config
+    out = []
+    while block_m > 16 or block_n > 16:
+        if block_n >= block_m and block_n > 16:
+            block_n //= 2
+        else:
+            block_m //= 2
+        out.append((block_m, block_n, 4 if block_m * block_n < 128 * 128 else num_warps, 1))
+    return tuple(out)
+
+
+# Configs measured fastest by tune(), or found to fit after a launch failed, per
+# (Lq, Lk, D, dtype, masked); launch_config's heuristic serves shapes not in it.
+# FASTDIFF_ATTENTION_AUTOTUNE=1 tunes each new shape on its first call (never during a
+# CUDA graph capture, where timing is impossible: the heuristic serves it then).
 _tuned: Dict[tuple, Config] = {}
 _AUTOTUNE = os.environ.get("FASTDIFF_ATTENTION_AUTOTUNE", "0").strip() not in ("", "0")
-TUNE_CANDIDATES = tuple(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+_warned: set = set()
 
 
 def _tune_key(q: Tensor, k: Tensor, masked: bool) -> tuple:
     return (q.shape[2], k.shape[2], q.shape[3], q.dtype, masked)
 
 
+def _should_tune(q: Tensor) -> bool:
+    return _AUTOTUNE and q.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
 def tune(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
-         candidates: Iterable[Config] = TUNE_CANDIDATES) -> Config:
-    """Time every candidate launch config on these operands (a GPU only), remember the fastest
-    for their shape, and return it. Configs the GPU cannot run (too much shared memory) are
-    skipped. It synchronises the device: call it before a run, not inside a captured step."""
+         candidates: Optional[Iterable[Config]] = None) -> Config:
+    """Time every candidate launch config (tune_candidates by default) on these operands (a
+    GPU only), remember the fastest for their shape, and return it. Configs the GPU cannot
+    run are skipped. It synchronises the device: call it before a run, not inside a
+    captured step."""
     if not q.is_cuda:
         raise RuntimeError("attention tuning times kernels on a GPU; these operands are on "
                            f"{q.device}")
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("attention tuning cannot run inside a CUDA graph capture; tune before capturing")
+    if candidates is None:
+        candidates = tune_candidates(q.shape[2], k.shape[2], *split_head_dim(q.shape[3]), q.dtype, q.shape[3])
     best, best_ms = None, float("inf")
     for config in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: attention_triton(q, k, v, key_padding_mask, config=config),
-                                         warmup=5, rep=20)
+            ms = triton.testing.do_bench(
+                lambda: attention_triton(q, k, v, key_padding_mask, config=config, fallback=False),
+                warmup=5, rep=20)
         except Exception as exc:  # noqa: BLE001  (OutOfResources moved between Triton versions)
-            message = str(exc).lower()
-            if type(exc).__name__ == "OutOfResources" or "out of resource" in message or "shared memory" in message:
+            if is_out_of_resources(exc):
                 continue
             raise
         if ms < best_ms:
@@ -261,13 +373,18 @@ def check_supported(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
 
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
                      scale: Optional[float] = None, out: Optional[Tensor] = None,
-                     config: Optional[Config] = None) -> Tensor:
+                     config: Optional[Config] = None, fallback: bool = True) -> Tensor:
     """softmax(q k^T * scale) v for [B, H, L, D] operands of any strides; mask [B, Lk], True = keep.
 
     ``out``: an optional [B, H, Lq, D] tensor of q's dtype (any strides) to write into;
     by default a new one is made with [B, Lq, H, D] memory. ``config``: (BLOCK_M, BLOCK_N,
     num_warps, num_stages) instead of the tuned or heuristic one. Shapes are checked by
     ``fastdiff.ops.attention``; this function assumes them.
+
+    A launch the GPU refuses for resources (a config too large for this GPU's shared
+    memory or registers) is retried with smaller tiles (``fallback_configs``), with one
+    warning per shape, and the config that ran is remembered for the shape; with
+    ``fallback=False`` (tuning) the error propagates.
     """
     reason = check_supported(q, k, v)
     if reason is not None:
@@ -285,15 +402,13 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional
     if lk == 0:
         return out.zero_()
     d0, d1 = split_head_dim(d)
+    key = _tune_key(q, k, key_padding_mask is not None)
     if config is None:
-        config = _tuned.get(_tune_key(q, k, key_padding_mask is not None))
-    if config is None and _AUTOTUNE and q.is_cuda:
+        config = _tuned.get(key)
+    if config is None and _should_tune(q):
         config = tune(q, k, v, key_padding_mask)
     if config is None:
-        config = launch_config(lq, lk, d0, d1)
-    block_m, block_n, num_warps, num_stages = config
-    if not q.is_cuda:  # the interpreter has no software pipelining
-        num_stages = 1
+        config = launch_config(lq, lk, d0, d1, q.dtype, d)
     if key_padding_mask is not None:
         mask = key_padding_mask
         if mask.dtype == torch.bool:
@@ -301,18 +416,43 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional
         mask_args = (mask, mask.stride(0), mask.stride(1))
     else:
         mask_args = (q, 0, 0)  # never read
-    grid = (triton.cdiv(lq, block_m), batch * heads)
-    _attention_fwd[grid](
-        q, k, v, out, mask_args[0],
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask_args[1], mask_args[2],
-        heads, lq, lk, scale * _LOG2E,
-        D=d, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_MASK=key_padding_mask is not None, EVEN_N=lk % block_n == 0,
-        EVEN_KV=lk % block_n == 0 and d == d0 + d1,
-        IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return out
+
+    def run(config: Config) -> None:
+        block_m, block_n, num_warps, num_stages = config
+        grid = (triton.cdiv(lq, block_m), batch * heads)
+        launch(
+            _attention_fwd, grid, q.device,
+            q, k, v, out, mask_args[0],
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask_args[1], mask_args[2],
+            heads, lq, lk, scale * _LOG2E,
+            D=d, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_MASK=key_padding_mask is not None, EVEN_N=lk % block_n == 0,
+            EVEN_KV=lk % block_n == 0 and d == d0 + d1,
+            IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and interpreting(),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    try:
+        run(config)
+        return out
+    except Exception as exc:  # noqa: BLE001
+        if not fallback or not is_out_of_resources(exc):
+            raise
+        first_error = exc
+    for smaller in fallback_configs(config):
+        try:
+            run(smaller)
+        except Exception as exc:  # noqa: BLE001
+            if not is_out_of_resources(exc):
+                raise
+            continue
+        _tuned[key] = smaller
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"attention: launch config {config} does not fit this GPU ({first_error}); "
+                          f"using {smaller} for Lq={lq}, Lk={lk}, D={d}, {q.dtype}", RuntimeWarning, stacklevel=3)
+        return out
+    raise first_error
 
 
 def flops(batch: int, heads: int, lq: int, lk: int, d: int) -> float:
@@ -320,5 +460,5 @@ def flops(batch: int, heads: int, lq: int, lk: int, d: int) -> float:
     return 4.0 * batch * heads * lq * lk * d
 
 
-__all__ = ["AVAILABLE", "MAX_HEAD_DIM", "TUNE_CANDIDATES", "attention_triton", "check_supported", "flops",
-           "launch_config", "split_head_dim", "tune", "tuned_configs"]
+__all__ = ["AVAILABLE", "MAX_HEAD_DIM", "attention_triton", "check_supported", "fallback_configs", "flops",
+           "launch_config", "split_head_dim", "tune", "tune_candidates", "tuned_configs"]

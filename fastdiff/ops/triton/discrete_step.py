@@ -29,13 +29,13 @@ captured in a CUDA graph.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import reference as R
+from ._launch import interpreting, launch
 
 try:
     import triton
@@ -53,10 +53,6 @@ _MAX_BLOCK_N = 16
 # (or the reference) serves them.
 MAX_CLASSES = 32768
 _MAX_GRID_Y = 65535
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 if AVAILABLE:
@@ -311,7 +307,8 @@ def discrete_step_triton(
 
     block_k, block_n, num_warps = _tile(M, N)
     grid = (triton.cdiv(N, block_n), B)
-    _discrete_step_kernel[grid](
+    launch(
+        _discrete_step_kernel, grid, x_t.device,
         x_t, cond, u, z, coeffs, scale, tokens, log_probs if write_log_probs else tokens,
         x_t.stride(0), x_t.stride(1), *cond.stride(), *u_strides, *z_strides,
         coeff_bstride, scale_bstride, M, N,
@@ -321,7 +318,7 @@ def discrete_step_triton(
         HAS_NOISE=noise is not None,
         TRUNCATE=truncate,
         WRITE_LOGP=write_log_probs,
-        PRECISE=not _interpreting(),
+        PRECISE=not interpreting(),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,

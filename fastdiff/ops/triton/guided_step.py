@@ -34,6 +34,8 @@ from ..coeffs import (
     output_memory_format,
 )
 
+from ._launch import launch
+
 try:
     import triton
     import triton.language as tl
@@ -278,7 +280,8 @@ def guided_step_triton(
 
     operands = [x_op, cond_op, uncond_op, var_op, noise_op, *hist_ops]
     grid = (triton.cdiv(inner, _BLOCK), batch)
-    _guided_step_kernel[grid](
+    launch(
+        _guided_step_kernel, grid, x.device,
         *(t for t, _ in operands),
         out, den if write_denoised else out, coeffs, scale,
         *(stride for _, stride in operands),
