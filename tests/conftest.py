@@ -16,3 +16,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def eager_capture(monkeypatch):
+    """run_plan(cuda_graph=...) captures through graphs.EagerCapture (the CPU stand-in for a
+    CUDA graph: same static buffers, the body run again as the replay); yields the captures made."""
+    from fastdiff.sampling import samplers
+    from fastdiff.sampling.graphs import EagerCapture
+
+    made = []
+
+    def factory(device):
+        made.append(EagerCapture())
+        return made[-1]
+    monkeypatch.setattr(samplers, "_capture_factory", factory)
+    return made
+

@@ -12,8 +12,7 @@ import torch
 import fastdiff
 from fastdiff.guidance import ClassifierFreeGuidance
 from fastdiff.sampling import SchedulerConfig, sample
-from fastdiff.sampling import samplers as samplers_module
-from fastdiff.sampling.graphs import EagerCapture, HostSyncError, StepGraphs, forbid_host_sync
+from fastdiff.sampling.graphs import HostSyncError, StepGraphs, forbid_host_sync
 
 from tolerances import fp32_bound, guidance_gain
 
@@ -34,17 +33,6 @@ class ToyModel(torch.nn.Module):
     def forward(self, x, t, cond):
         temb = torch.sin(t.float().reshape(-1, 1, 1, 1) / 100.0)
         return self.conv(x) * 0.5 + cond.reshape(-1, 4, 1, 1) * temb + 0.1 * x
-
-
-@pytest.fixture
-def eager_capture(monkeypatch):
-    made = []
-
-    def factory(device):
-        made.append(EagerCapture())
-        return made[-1]
-    monkeypatch.setattr(samplers_module, "_capture_factory", factory)
-    return made
 
 
 def guided_toy():

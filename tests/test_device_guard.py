@@ -5,7 +5,6 @@ Triton launches on the current device and stream; with tensors on cuda:1 while c
 current, a launch without the guard runs on the wrong GPU (or faults). The CUDA C++ kernels
 take a c10::cuda::CUDAGuard; the graph capture's guard is in tests/test_graph_cache.py.
 """
-import contextlib
 import os
 
 import pytest
@@ -15,21 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from cuda_fakes import FakeCurrentDevice  # noqa: E402
 from fastdiff.ops import coeffs as C  # noqa: E402
 from fastdiff.ops.triton import _launch  # noqa: E402
-
-
-class Devices:
-    def __init__(self):
-        self.current = 0
-
-    @contextlib.contextmanager
-    def device(self, device):
-        saved, self.current = self.current, torch.device(device).index
-        try:
-            yield
-        finally:
-            self.current = saved
 
 
 class Kernel:
@@ -45,7 +32,7 @@ class Kernel:
 
 
 def test_launch_enters_the_operands_device(monkeypatch):
-    devices = Devices()
+    devices = FakeCurrentDevice()
     monkeypatch.setattr(torch.cuda, "device", devices.device)
     kernel = Kernel(devices)
     _launch.launch(kernel, (3, 2), torch.device("cuda", 1), "x", num_warps=4, num_stages=3)
@@ -56,13 +43,13 @@ def test_launch_enters_the_operands_device(monkeypatch):
 
 
 def test_interpreter_launches_run_one_stage():
-    kernel = Kernel(Devices())
+    kernel = Kernel(FakeCurrentDevice())
     _launch.launch(kernel, (1,), torch.device("cpu"), num_stages=3, num_warps=8)
     assert kernel.calls[0][3] == {"num_stages": 1, "num_warps": 8}
 
 
 def test_recording_runs_nothing():
-    kernel = Kernel(Devices())
+    kernel = Kernel(FakeCurrentDevice())
     with _launch.recording() as launches:
         _launch.launch(kernel, (2.0, 1), torch.device("meta"), "a", BLOCK=16)
     assert not kernel.calls

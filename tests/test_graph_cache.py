@@ -14,22 +14,12 @@ import fastdiff
 from fastdiff.guidance import ClassifierFreeGuidance
 from fastdiff.sampling import SchedulerConfig, sample
 from fastdiff.sampling import graphs as graphs_module
-from fastdiff.sampling import samplers as samplers_module
-from fastdiff.sampling.graphs import EagerCapture, GraphCache, module_fingerprint
+from fastdiff.sampling.graphs import GraphCache, module_fingerprint
+
+from cuda_fakes import FakeCurrentDevice
 
 CONFIG = SchedulerConfig.from_dict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                         beta_schedule="scaled_linear", prediction_type="epsilon"))
-
-
-@pytest.fixture
-def eager_capture(monkeypatch):
-    made = []
-
-    def factory(device):
-        made.append(EagerCapture())
-        return made[-1]
-    monkeypatch.setattr(samplers_module, "_capture_factory", factory)
-    return made
 
 
 class Toy(torch.nn.Module):
@@ -181,11 +171,11 @@ def test_glide_keeps_base_and_upsampler_graphs(tmp_path, eager_capture):
 # Captures happen on the sample's device, not the current one (a mocked torch.cuda)
 
 
-class FakeCuda:
+class FakeCuda(FakeCurrentDevice):
     """Records which device was current when each stream, pool and graph was made."""
 
     def __init__(self):
-        self.current = 0
+        super().__init__()
         self.made = []
         fake = self
 
@@ -202,14 +192,6 @@ class FakeCuda:
                 pass
 
         self.Stream, self.CUDAGraph = Stream, CUDAGraph
-
-    @contextlib.contextmanager
-    def device(self, device):
-        saved, self.current = self.current, torch.device(device).index
-        try:
-            yield
-        finally:
-            self.current = saved
 
     def graph_pool_handle(self):
         self.made.append(("pool", self.current, self.current))

@@ -140,6 +140,17 @@ if AVAILABLE:
         return a, o
 
     @triton.jit
+    def _write_tile(x_ptr, y_ptr, base, r, c, R, L, RS, mean, a, o, SILU: tl.constexpr):
+        """y = (x - mean) a + o [SiLU'd] over the tile of rows r and columns c of a group."""
+        valid = (r < R) & (c < L)
+        offs = base + r * RS + c
+        v = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        y = (v - mean) * a + o
+        if SILU:
+            y = _silu(y)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
     def _write_kernel(x_ptr, y_ptr, w_ptr, w_stride, bias_ptr, bias_stride,
                       scale_ptr, scale_bstride, scale_stride, shift_ptr, shift_bstride, shift_stride,
                       part_ptr, part_stride, R, L, RS, S, C, D, G, num_chunks, col_chunks, eps,
@@ -181,14 +192,7 @@ if AVAILABLE:
                                      shift_ptr, shift_bstride, shift_stride,
                                      HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
                 for rt in range(ROW_TILES):
-                    r = row0 + rt * BR + rows
-                    valid = (r < R) & (c < L)
-                    offs = base + r * RS + c
-                    v = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-                    y = (v - mean) * a + o
-                    if SILU:
-                        y = _silu(y)
-                    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
+                    _write_tile(x_ptr, y_ptr, base, row0 + rt * BR + rows, c, R, L, RS, mean, a, o, SILU)
         else:
             # One channel per row: coefficients once per row tile, columns stream past.
             for rt in range(ROW_TILES):
@@ -198,14 +202,7 @@ if AVAILABLE:
                                      shift_ptr, shift_bstride, shift_stride,
                                      HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
                 for ct in range(COL_TILES):
-                    c = col0 + ct * BL + cols
-                    valid = (r < R) & (c < L)
-                    offs = base + r * RS + c
-                    v = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-                    y = (v - mean) * a + o
-                    if SILU:
-                        y = _silu(y)
-                    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
+                    _write_tile(x_ptr, y_ptr, base, r, col0 + ct * BL + cols, R, L, RS, mean, a, o, SILU)
 
 
 def _geometry(R: int, L: int):
