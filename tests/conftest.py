@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from deps import require
 
 # Triton decides between compiling and interpreting when a kernel is defined, so the
 # interpreter must be chosen before any test imports fastdiff's Triton kernels.
@@ -33,3 +34,16 @@ def eager_capture(monkeypatch):
     monkeypatch.setattr(samplers, "_capture_factory", factory)
     return made
 
+
+
+@pytest.fixture(scope="session")
+def sd_pipe(tmp_path_factory):
+    """A tiny SD 1.x pipeline (random weights in diffusers' format), shared by the graph tests;
+    a test that moves or changes it puts it back."""
+    require("diffusers")
+    import fastdiff
+    from sd_fixtures import make_pipeline
+
+    folder = tmp_path_factory.mktemp("sd_graph")
+    make_pipeline(str(folder), "sd1")
+    return fastdiff.Pipeline.from_pretrained(folder)

@@ -13,7 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+require("triton")
 
 import importlib  # noqa: E402
 
@@ -21,6 +21,7 @@ op_module = importlib.import_module("fastdiff.ops.attention")  # the module; fas
 from fastdiff.ops.reference import attention as twin  # noqa: E402
 from fastdiff.ops.triton import _launch  # noqa: E402
 from fastdiff.ops.triton import attention as kernel  # noqa: E402
+from deps import require
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 rounding of a softmax-weighted sum of unit values over <= 200 keys, with headroom:

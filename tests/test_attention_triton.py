@@ -13,12 +13,13 @@ import torch
 if not torch.cuda.is_available():
     # Read when a kernel is decorated, so it must be set before the module below loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+require("triton")
 
 from fastdiff.ops.reference import attention as twin  # noqa: E402
 from fastdiff.ops.triton import attention as triton_module  # noqa: E402
 from fastdiff.ops.triton.attention import attention_triton, split_head_dim  # noqa: E402
 from test_attention import tolerance  # noqa: E402  (float32: fp32_bound; float16 / bfloat16: an ulp or two)
+from deps import require
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEAD_DIMS = (40, 64, 80, 88, 128, 160)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deps import require
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -189,7 +190,7 @@ def _lines(path):
 
 def test_the_tiny_sd15_and_a_kernel_benchmark_write_one_json_line_each(tmp_path):
     """The tiny SD 1.5 benchmark (graph variants through EagerCapture) and guided_step's smallest case."""
-    pytest.importorskip("diffusers")
+    require("diffusers")
     from fastdiff.ops import _library
 
     jsonl = tmp_path / "bench.jsonl"

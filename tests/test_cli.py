@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastdiff.cli import main
+from deps import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +85,7 @@ def test_console_entry_point_runs():
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    pytest.importorskip("diffusers")
+    require("diffusers")
     from sd_fixtures import make_pipeline
 
     folder = str(tmp_path_factory.mktemp("sd_cli"))

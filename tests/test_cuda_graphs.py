@@ -15,6 +15,7 @@ from fastdiff.sampling import SchedulerConfig, sample
 from fastdiff.sampling.graphs import HostSyncError, StepGraphs, forbid_host_sync
 
 from tolerances import fp32_bound, guidance_gain
+from deps import require
 
 CONFIG = SchedulerConfig.from_dict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                         beta_schedule="scaled_linear", prediction_type="epsilon"))
@@ -130,16 +131,6 @@ def test_cuda_graph_refuses_user_code_inside_the_step(eager_capture):
                denoised_fn=lambda x0, t: x0)
 
 
-@pytest.fixture(scope="module")
-def sd_pipe(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    from sd_fixtures import make_pipeline
-
-    folder = tmp_path_factory.mktemp("sd_graph")
-    make_pipeline(str(folder), "sd1")
-    return fastdiff.Pipeline.from_pretrained(folder)
-
-
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])
 def test_sd_pipeline_with_graphs_gives_the_same_images(sd_pipe, sampler, eager_capture):
     """The UNet step itself (timestep embedding, attention, group_norm, guided_step) passes the guard."""
@@ -180,7 +171,7 @@ class TestCUDA:
 
 def test_channels_last_and_fused_projections_give_the_same_images(tmp_path):
     """The GPU-speed switches keep the images: NHWC UNet/VAE and fused q/k/v GEMMs, on CPU in fp32."""
-    pytest.importorskip("diffusers")
+    require("diffusers")
     from sd_fixtures import image_terms, make_pipeline
 
     make_pipeline(str(tmp_path), "sd1")

@@ -12,11 +12,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+require("triton")
 
 from cuda_fakes import FakeCurrentDevice  # noqa: E402
 from fastdiff.ops import coeffs as C  # noqa: E402
 from fastdiff.ops.triton import _launch  # noqa: E402
+from deps import require
 
 
 class Kernel:

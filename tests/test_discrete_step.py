@@ -24,6 +24,7 @@ from fastdiff.sampling.discrete import (
     gumbel_uniform,
 )
 from tolerances import fp32_bound
+from deps import require
 
 try:  # only the comparisons with diffusers need it; the kernel tests run without it
     from diffusers import VQDiffusionPipeline, VQDiffusionScheduler
@@ -450,7 +451,7 @@ def _cuda_impl(impl):
             pytest.fail("CUDA is present but fastdiff._C was built without CUDA kernels; "
                         "rebuild with FASTDIFF_CUDA=1 pip install --no-build-isolation -e .")
         return torch.ops.fastdiff.discrete_step
-    pytest.importorskip("triton")
+    require("triton")
     from fastdiff.ops.triton.discrete_step import discrete_step_triton
     return discrete_step_triton
 

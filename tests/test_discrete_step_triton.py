@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     # Read when a kernel is decorated, so it must be set before the module below loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+require("triton")
 
 import importlib  # noqa: E402
 
@@ -21,6 +21,7 @@ from fastdiff.ops import _library, reference as R  # noqa: E402
 from fastdiff.ops.triton import discrete_step as triton_module  # noqa: E402
 from fastdiff.ops.triton.discrete_step import discrete_step_triton  # noqa: E402
 from test_discrete_step import (  # noqa: E402  (the shared case builders)
+from deps import require
     check_edges,
     check_long_tail,
     check_truncation_against_sort,

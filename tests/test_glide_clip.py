@@ -24,6 +24,7 @@ from fastdiff.loaders.glide_clip_loader import load_noised_clip
 from fastdiff.loaders.glide_tokenizers import ClipTokenizer, GlideTokenizer
 from fastdiff.models.glide_clip import CLIP_DEFAULTS, NoisedClip
 from tolerances import fp32_bound, reduction_terms
+from deps import require
 
 CORPUS = [
     "a red circle above a blue square", "an oil painting of a corgi wearing a hat", "a corgi in a field",
@@ -493,7 +494,7 @@ def test_loader_errors_are_named(tmp_path, clip_files):
     with pytest.raises(FileNotFoundError, match=r"bpe_simple_vocab_16e6\.txt or .*\.txt\.gz"):
         load_noised_clip(tmp_path / "ok")
     # Explicit files and a YAML config work without a folder.
-    yaml = pytest.importorskip("yaml")
+    yaml = require("yaml")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     clip = load_noised_clip(image=tmp_path / "ok" / "clip_image_enc.pt", text=tmp_path / "ok" / "clip_text_enc.pt",
                             bpe=tmp_path / "bpe.gz", config=tmp_path / "c.yaml")

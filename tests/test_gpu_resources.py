@@ -18,8 +18,9 @@ import subprocess
 import sys
 
 import pytest
+from deps import require
 
-pytest.importorskip("triton")
+require("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "tests", "data", "triton_sm90_resources.json")

@@ -120,22 +120,19 @@ def test_fingerprint_follows_the_weights_not_their_values():
     assert module_fingerprint(model) != before
 
 
+def test_an_empty_cache_still_refuses_user_code_inside_the_step(eager_capture):
+    for graphs in (GraphCache(), GraphCache().scope("toy", Toy())):  # an empty GraphCache is falsy
+        with pytest.raises(ValueError, match="cannot capture cond_fn or denoised_fn"):
+            sample("ddim", lambda x, t: x, torch.randn(1, 4, 4, 4), CONFIG, 3, progress=False, cuda_graph=graphs,
+                   denoised_fn=lambda x0, t: x0)
+
+
 def test_plain_callables_are_not_kept(eager_capture):
     cache = GraphCache()
     x = torch.randn(1, 4, 4, 4)
     for _ in range(2):
         sample("ddim", lambda x, t: 0.1 * x, x, CONFIG, 3, progress=False, cuda_graph=cache.scope("f", Toy()))
     assert len(cache) == 0 and len(eager_capture) == 2
-
-
-@pytest.fixture(scope="module")
-def sd_pipe(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    from sd_fixtures import make_pipeline
-
-    folder = tmp_path_factory.mktemp("sd_graph_cache")
-    make_pipeline(str(folder), "sd1")
-    return fastdiff.Pipeline.from_pretrained(folder)
 
 
 def test_sd_pipeline_keeps_its_graphs_across_generate_calls(sd_pipe, eager_capture):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import fastdiff
 from fastdiff.ops import _library, reference as R
 from fastdiff.ops.group_norm import group_norm
+from deps import require
 
 # The module, not the function of the same name that fastdiff.ops exports.
 dispatch = importlib.import_module("fastdiff.ops.group_norm")
@@ -638,7 +639,7 @@ def _cuda_impl(impl):
             pytest.fail("CUDA is present but fastdiff._C was built without CUDA kernels; "
                         "rebuild with FASTDIFF_CUDA=1 pip install --no-build-isolation -e .")
         return torch.ops.fastdiff.group_norm
-    pytest.importorskip("triton")
+    require("triton")
     from fastdiff.ops.triton.group_norm import group_norm_triton
     return group_norm_triton
 

@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     # Read when a kernel is decorated, so it must be set before the module below loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+require("triton")
 
 import importlib  # noqa: E402
 
@@ -23,6 +23,7 @@ from fastdiff.ops.triton import _launch  # noqa: E402
 from fastdiff.ops.triton import group_norm as triton_module  # noqa: E402
 from fastdiff.ops.triton.group_norm import group_norm_triton  # noqa: E402
 from test_group_norm import (  # noqa: E402  (the shared case builders)
+from deps import require
     COPY_OPS,
     ODD_SHAPES,
     OPTIONS,

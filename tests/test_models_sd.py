@@ -12,8 +12,9 @@ import torch
 
 from fastdiff.models import AutoencoderKL, UNet2DConditionModel
 from tolerances import fp32_bound, reduction_terms
+from deps import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 UNET_BASE = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                  norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,

@@ -9,8 +9,9 @@ import torch
 from sd_fixtures import generate_counting_unet_calls, image_terms, make_pipeline, with_scheduler
 from tolerances import fp32_bound, guidance_gain
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 import fastdiff  # noqa: E402
+from deps import require
 
 PROMPTS = ["a red circle", "a blue square"]
 NEGATIVE = ["blurry", "a red triangle"]

@@ -18,10 +18,11 @@ from fastdiff.pipelines import VQDiffusionPipeline
 from fastdiff.ops import discrete_step
 from fastdiff.sampling.discrete import discrete_step_rows
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 from test_discrete_step import logp_tolerance  # noqa: E402
 from tolerances import fp32_bound, guidance_gain, reduction_terms  # noqa: E402
 from vq_pipeline_fixtures import load_diffusers_pipeline, make_vq_components  # noqa: E402
+from deps import require
 
 PROMPTS = ["a red circle", "a blue square"]
 

@@ -12,8 +12,9 @@ import fastdiff
 from fastdiff.guidance import ClassifierFreeGuidance
 from fastdiff.sampling import SchedulerConfig, sample
 from tolerances import fp32_bound, guidance_gain
+from deps import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,

@@ -7,8 +7,9 @@ import torch
 
 from fastdiff.sampling import SchedulerConfig, glide_respacing, karras_sigmas, make_betas, sample
 from fastdiff.sampling.schedules import betas_for_alpha_bar, spaced_timesteps
+from deps import require
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])

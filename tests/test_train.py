@@ -22,6 +22,7 @@ from fastdiff.train.tokenizer import build_tokenizer
 
 from sd_fixtures import generate_counting_unet_calls, image_terms
 from tolerances import fp32_bound, guidance_gain
+from deps import require
 
 STEPS = 24  # stage-2 steps of the reference run; the resumed run stops halfway
 
@@ -105,7 +106,7 @@ def test_exported_folder_runs_in_the_pipeline(full_run, one_thread):
 
 
 def test_diffusers_reads_the_folder_and_agrees(full_run, one_thread):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = require("diffusers")
     out = str(full_run[0])
     ref = diffusers.StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     ref.set_progress_bar_config(disable=True)

@@ -72,9 +72,8 @@ def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Ten
     from .triton import attention as triton_attention
     from .triton._launch import is_out_of_resources
 
-    if triton_attention.check_supported(q, k, v) is not None:
-        return _sdpa(q, k, v, key_padding_mask, scale)
-    if q.dtype == torch.float32 and FP32_ON_CUDA == "sdpa":
+    if triton_attention.check_supported(q, k, v) is not None or \
+            (q.dtype == torch.float32 and FP32_ON_CUDA == "sdpa"):
         return _sdpa(q, k, v, key_padding_mask, scale)
     try:
         return triton_attention.attention_triton(q, k, v, key_padding_mask, scale)

@@ -227,7 +227,7 @@ def conditioning_signature(obj: Any) -> tuple:
 
 def module_fingerprint(module: torch.nn.Module) -> tuple:
     """Identity of a module's weights as a captured graph sees them: their addresses and
-    layouts. Moving, casting, re-laying out or refusing (fuse_qkv_projections) the module
+    layouts. Moving, casting, re-laying out or fusing (fuse_qkv_projections) the module
     changes it; new values written in place (load_state_dict) do not, and need not: a
     replay reads the weights where they are."""
     tensors = itertools.chain(module.parameters(), module.buffers())

@@ -112,7 +112,9 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
     """
     if not plan.steps:
         raise ValueError("nothing to sample: the plan has no steps")
-    if cuda_graph and (cond_fn is not None or denoised_fn is not None):
+    # True, or a GraphCache / GraphScope (an empty GraphCache is falsy: test for False/None)
+    graphed = cuda_graph is not False and cuda_graph is not None
+    if graphed and (cond_fn is not None or denoised_fn is not None):
         raise ValueError("cuda_graph=True cannot capture cond_fn or denoised_fn (user code inside the step); "
                          "run those without cuda_graph")
     if not torch.is_floating_point(x):
@@ -157,7 +159,7 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
 
     if x_is_noise and plan.init_scale != 1.0:
         x = x * plan.init_scale
-    if cuda_graph is not False and cuda_graph is not None:
+    if graphed:
         cache = None if cuda_graph is True else cuda_graph
         return _run_graphed(denoiser, x, plan, rows, ts, x0_rows, generator=generator, noise=noise,
                             callback=callback, progress=progress, cache=cache)

@@ -71,10 +71,11 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 # Register budget of a 16-bit tile (see launch_config), in values per program: BLOCK_M x
 # (width + BLOCK_N). Read off ptxas for sm_90 (python -m fastdiff.ops.triton.resources, every
 # family shape and tile): below 128 x 120 four warps hold a tile without spilling (64 x 256,
-# d = 128 against a 128-key tile, spills), up to 128 x 208 eight warps do. Query tiles of 32 rows spill at wide heads whatever the warps
-# (Triton lays the warps along the keys then), so 16-bit tiles keep 64 or 128 rows. A wide
-# head dim split with padded lanes (88 = 64 + 32) needs masked loads and more registers: at
-# most 64 x 64 with eight warps (40 = 32 + 16 is narrow enough not to).
+# d = 128 against a 128-key tile, spills), up to 128 x 208 eight warps do. Query tiles of 32
+# rows spill at wide heads whatever the warps (Triton lays the warps along the keys then), so
+# 16-bit tiles keep 64 or 128 rows. A wide head dim split with padded lanes (88 = 64 + 32)
+# needs masked loads and more registers: at most 64 x 64 with eight warps (40 = 32 + 16 is
+# narrow enough not to).
 _FOUR_WARPS_MAX = 128 * 120
 _EIGHT_WARPS_MAX = 128 * 208
 _MIN_ROWS_16BIT = 64
@@ -84,14 +85,19 @@ def _footprint(block_m: int, block_n: int, width: int) -> int:
     return block_m * (width + block_n)
 
 
+def _padded_wide(d0: int, d1: int, d: int) -> bool:
+    """A head dim wider than 64 split into parts with padded lanes (88 = 64 + 32)."""
+    return d != d0 + d1 and d0 + d1 > 64
+
+
 def _warps_and_stages(block_m: int, block_n: int, d0: int, d1: int, d: int, lk: int,
                       dtype: torch.dtype) -> Tuple[int, int]:
     one_tile = lk <= block_n
     if dtype == torch.float32:
         return 4, 1 if one_tile else 2
     width = d0 + d1
-    padded = d != width and width > 64
-    num_warps = 8 if padded or _footprint(block_m, block_n, width) >= _FOUR_WARPS_MAX else 4
+    heavy = _padded_wide(d0, d1, d) or _footprint(block_m, block_n, width) >= _FOUR_WARPS_MAX
+    num_warps = 8 if heavy else 4
     return num_warps, 1 if one_tile else (3 if width <= 128 else 2)
 
 
@@ -100,7 +106,7 @@ def _max_tiles(d0: int, d1: int, d: int, dtype: torch.dtype) -> Tuple[int, int]:
     width = d0 + d1
     if dtype == torch.float32:  # IEEE products on CUDA cores: a 32 x 32 tile of a wide head spills
         return (32, 32) if width <= 128 else (16, 16)
-    if d != width and width > 64:
+    if _padded_wide(d0, d1, d):
         return 64, 64
     return (128, 128) if width <= 128 else (64, 64)
 
@@ -120,9 +126,10 @@ def launch_config(lq: int, lk: int, d0: int, d1: int, dtype: torch.dtype = torch
     above 128), pipelined over 3 (2) stages. The warps follow the tile's register
     footprint (_FOUR_WARPS_MAX): 4 warps spill a 128 x 128 score tile (255 registers).
     fp32: products run on CUDA cores in IEEE fp32 and every operand tile is held in
-    registers, so the tiles are 32 x 32 (16 x 16 for heads wider than 128); ops.attention serves fp32 on CUDA with SDPA by
-    default (see fastdiff/ops/attention.py) and this kernel only when the "triton" backend
-    asks for it. Under the interpreter the tile sizes only change how many numpy products run.
+    registers, so the tiles are 32 x 32 (16 x 16 for heads wider than 128); ops.attention
+    serves fp32 on CUDA with SDPA by default (see fastdiff/ops/attention.py) and this kernel
+    only when the "triton" backend asks for it. Under the interpreter the tile sizes only
+    change how many numpy products run.
     """
     d = d0 + d1 if d is None else d
     width = d0 + d1
