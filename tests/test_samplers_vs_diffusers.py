@@ -10,7 +10,7 @@ import torch
 
 import fastdiff
 from fastdiff.guidance import ClassifierFreeGuidance
-from fastdiff.sampling import SchedulerConfig, sample
+from fastdiff.sampling import SAMPLERS, SchedulerConfig, sample
 from tolerances import fp32_bound, guidance_gain
 from deps import require
 
@@ -19,12 +19,8 @@ diffusers = require("diffusers")
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
                  clip_sample=False, skip_prk_steps=True, timestep_spacing="leading")
-CLASSES = {
-    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
-}
+# The diffusers class each sampler must equal is the registry's claim, tested here.
+CLASSES = {name: spec.diffusers_class for name, spec in SAMPLERS.items()}
 SHAPE = (2, 4, 8, 8)
 # Both sides run the same recurrences in float32 in another order: diffusers' step formulas
 # on float32 schedule tensors, fastdiff's float64-derived coefficients in one fused kernel,
@@ -41,7 +37,7 @@ class ToyDenoiser:
     """
 
     def __init__(self, cfg, learned_range=False):
-        sched = SchedulerConfig.from_dict(cfg).noise_schedule(CLASS_NAMES.get(cfg.get("_class"), "ddim"))
+        sched = SchedulerConfig.from_dict(cfg).noise_schedule("ddim")
         self.ac = torch.tensor(sched.alphas_cumprod, dtype=torch.float32)
         self.prediction = cfg.get("prediction_type", "epsilon")
         self.learned_range = learned_range
@@ -61,9 +57,6 @@ class ToyDenoiser:
         if self.learned_range:
             out = torch.cat([out, torch.tanh(x + t / 1000.0)], dim=1)
         return out
-
-
-CLASS_NAMES = {}
 
 
 class Recorder:

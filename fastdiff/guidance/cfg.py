@@ -7,22 +7,13 @@ two halves of its output are handed to the sampler as views, and the combine
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 
-
-class ModelOutput(NamedTuple):
-    """What a denoiser gives a sampler: the conditional output, and for CFG the rest."""
-
-    cond: Tensor
-    uncond: Optional[Tensor] = None
-    scale: Optional[Tensor] = None  # float32 [1] or [N]
-
-
-def as_model_output(out: Union[Tensor, ModelOutput]) -> ModelOutput:
-    return out if isinstance(out, ModelOutput) else ModelOutput(out)
+from ..sampling.denoiser import ModelOutput
+from ..sampling.graphs import conditioning_signature, conditioning_tensors
 
 
 def _cat_conditioning(first: Any, second: Any) -> Any:
@@ -78,16 +69,12 @@ class ClassifierFreeGuidance:
         """What a captured step bakes in about this denoiser (besides the model's weights):
         runs with equal keys can replay each other's graphs after ``graph_inputs`` are
         copied over (fastdiff.sampling.graphs.GraphCache)."""
-        from ..sampling.graphs import conditioning_signature
-
         conditioning = self.batched_cond if self.guided else self.cond
         return (self.guided, self.uncond_first, self.rescale, self._scale_cpu.numel(),
                 conditioning_signature(conditioning))
 
     def graph_inputs(self, device: torch.device) -> list:
         """The tensors a captured step reads from this denoiser, in graph_key's order."""
-        from ..sampling.graphs import conditioning_tensors
-
         conditioning = self.batched_cond if self.guided else self.cond
         return conditioning_tensors(conditioning) + [self.scale_on(device)]
 

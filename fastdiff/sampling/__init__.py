@@ -1,8 +1,10 @@
 """Noise schedules, timestep spacings and samplers as plain functions over a denoiser."""
+from .denoiser import Denoiser, ModelOutput, as_model_output
+from .noise import randn, randn_like
+from .registry import SAMPLERS, SamplerSpec, check_num_steps, get_sampler
 from .samplers import (
-    SAMPLERS,
     StepInfo,
-    get_sampler,
+    build_plan,
     run_plan,
     sample,
     sample_ddim,
@@ -18,6 +20,7 @@ from .discrete import sample_discrete
 from .schedules import (
     NoiseSchedule,
     SchedulerConfig,
+    as_scheduler_config,
     glide_respacing,
     karras_sigmas,
     make_betas,
@@ -25,8 +28,9 @@ from .schedules import (
 )
 
 __all__ = [
-    "SAMPLERS", "StepInfo", "get_sampler", "run_plan", "sample", "sample_ddim", "sample_ddpm",
-    "sample_dpmpp_2m", "sample_dpmpp_2m_karras", "sample_euler", "sample_euler_ancestral",
-    "sample_heun", "sample_pndm", "sample_discrete", "NoiseSchedule", "SchedulerConfig", "glide_respacing",
-    "karras_sigmas", "make_betas", "spaced_timesteps",
+    "Denoiser", "ModelOutput", "as_model_output", "randn", "randn_like",
+    "SAMPLERS", "SamplerSpec", "check_num_steps", "get_sampler", "StepInfo", "build_plan", "run_plan", "sample",
+    "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_karras", "sample_euler",
+    "sample_euler_ancestral", "sample_heun", "sample_pndm", "sample_discrete", "NoiseSchedule", "SchedulerConfig",
+    "as_scheduler_config", "glide_respacing", "karras_sigmas", "make_betas", "spaced_timesteps",
 ]

@@ -2,22 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from . import steps as S
-from .samplers import _check_steps, _config
-
-_PLANS = {
-    "ddim": lambda c, n, s: S.ddim_plan(c, n, start=s),
-    "ddpm": lambda c, n, s: S.ddpm_plan(c, n, start=s),
-    "pndm": lambda c, n, s: S.pndm_plan(c, n, start=s),
-    "euler": lambda c, n, s: S.euler_plan(c, n, start=s),
-    "euler_a": lambda c, n, s: S.euler_plan(c, n, ancestral=True, start=s),
-    "heun": lambda c, n, s: S.heun_plan(c, n, start=s),
-    "dpmpp_2m": lambda c, n, s: S.dpmpp_2m_plan(c, n, start=s),
-    "dpmpp_2m_karras": lambda c, n, s: S.dpmpp_2m_plan(c, n, karras=True, start=s),
-}
+from .registry import check_num_steps, get_sampler
+from .samplers import build_plan
 
 
 def start_index(num_steps: int, strength: float) -> int:
@@ -30,9 +18,10 @@ def start_index(num_steps: int, strength: float) -> int:
 def noised_start(x0: Tensor, noise: Tensor, sampler: str, config, num_steps: int, strength: float,
                  kw: dict) -> Tensor:
     """x0 noised to the first step's level, in the model's input space; sets kw for sample()."""
-    cfg = _config(config)
-    start = start_index(_check_steps(num_steps), strength)
-    plan = _PLANS[sampler](cfg, num_steps, start)
+    if not get_sampler(sampler).img2img:
+        raise ValueError(f"the {sampler} sampler cannot start part-way (img2img)")
+    start = start_index(check_num_steps(sampler, config, num_steps), strength)
+    plan = build_plan(sampler, config, num_steps, start=start)
     if not plan.steps:
         raise ValueError(f"strength {strength} with {num_steps} steps leaves no step to run")
     ab = float(plan.steps[0].alpha_bar)

@@ -13,7 +13,6 @@ arrays; the model is called with the original timestep), as plans for ``run_plan
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -85,46 +84,28 @@ def respaced_ddpm_plan(schedule: RespacedSchedule, learned_variance: bool = True
 
     learned_variance: the model's extra channels v in [-1, 1] pick
     log var = (v+1)/2 * log beta + (1-v)/2 * log beta_tilde (clipped), per element;
-    otherwise a fixed variance: "small" (beta_tilde) or "large" (beta).
+    otherwise a fixed variance: "small" (beta_tilde) or "large" (beta, beta_tilde at the
+    last step), glide-text2im's tables. In k-diffusion's form: see steps.ddpm_plan.
     """
     if fixed_variance not in ("small", "large"):
         raise ValueError(f"fixed_variance must be 'small' or 'large', got {fixed_variance!r}")
-    ac, acp, betas = schedule.alphas_cumprod, schedule.alphas_cumprod_prev, schedule.betas
-    min_log = schedule.posterior_log_variance_clipped()
-    steps = []
-    for k in reversed(range(len(schedule))):
-        a, ap, beta = ac[k], acp[k], betas[k]
-        x0_coeffs = (math.sqrt(1.0 / a), -math.sqrt(1.0 / a - 1.0))
-        # q(x_{k-1} | x_k, x0) mean coefficients (Ho et al. eq. 7) on x and the clipped x0
-        out = (((1.0 - ap) * math.sqrt(1.0 - beta) / (1.0 - a)), 0.0, beta * math.sqrt(ap) / (1.0 - a))
-        if learned_variance:
-            std, logvar = 1.0, (math.log(beta), float(min_log[k]))
-        else:
-            var = schedule.posterior_variance[k] if fixed_variance == "small" else beta
-            std, logvar = math.sqrt(max(var, 0.0)), (0.0, 0.0)
-            if fixed_variance == "small" and k == 0:
-                std = math.sqrt(math.exp(min_log[0]))  # as the clipped log variance above
-        steps.append(S.Step(float(schedule.timesteps[k]), S.row(x0_coeffs, out, noise=std, logvar=logvar),
-                            noise=k > 0, alpha_bar=a))
+    order = list(reversed(range(len(schedule))))
+    betas, pv = schedule.betas, schedule.posterior_variance
+    variances = pv if fixed_variance == "small" else np.append(pv[1], betas[1:]) if len(pv) > 1 else betas
+    steps = S.ddpm_steps([schedule.timesteps[k] for k in order], schedule.alphas_cumprod[order],
+                         schedule.alphas_cumprod_prev[order], betas[order], variances[order],
+                         min_log_variances=schedule.posterior_log_variance_clipped()[order] if learned_variance else None,
+                         noise_at_last=False)
     return S.Plan(steps, clip_range=1.0 if clip_denoised else None, learned_variance=learned_variance,
-                  name="ddpm", extra={"guidance": "mean"})
+                  name="ddpm", classifier_guidance="mean")
 
 
 def respaced_ddim_plan(schedule: RespacedSchedule, eta: float = 0.0, clip_denoised: bool = True) -> S.Plan:
     """DDIM over the respaced steps: x_prev = sqrt(a') x0 + sqrt(1 - a' - s^2) eps(x0) + s z,
-    with eps re-derived from the (clipped) x0 as glide-text2im does."""
-    if eta < 0:
-        raise ValueError(f"eta must be non-negative, got {eta}")
-    ac, acp = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
-    steps = []
-    for k in reversed(range(len(schedule))):
-        a, ap = ac[k], acp[k]
-        sigma = eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(1.0 - a / ap)
-        direction = math.sqrt(max(1.0 - ap - sigma**2, 0.0))
-        x0_coeffs = (math.sqrt(1.0 / a), -math.sqrt(1.0 / a - 1.0))
-        out_x0 = math.sqrt(ap) - direction * math.sqrt(a) / math.sqrt(1.0 - a)
-        out = (direction / math.sqrt(1.0 - a), 0.0, out_x0)
-        steps.append(S.Step(float(schedule.timesteps[k]), S.row(x0_coeffs, out, noise=sigma),
-                            noise=eta > 0 and k > 0, alpha_bar=a))
-    return S.Plan(steps, clip_range=1.0 if clip_denoised else None, name="ddim",
-                  extra={"guidance": "score"})
+    with eps re-derived from the (clipped) x0 as glide-text2im does. In k-diffusion's form:
+    see steps.ddim_plan."""
+    eta = S.check_eta(eta)
+    order = list(reversed(range(len(schedule))))
+    steps = S.ddim_steps([schedule.timesteps[k] for k in order], schedule.alphas_cumprod[order],
+                         schedule.alphas_cumprod_prev[order], eta=eta, eps_from_x0=True, noise_at_last=False)
+    return S.Plan(steps, clip_range=1.0 if clip_denoised else None, name="ddim", classifier_guidance="score")

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -84,31 +84,43 @@ class NoiseSchedule:
         return np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)
 
 
-# Per diffusers scheduler class: (fastdiff sampler, that class's constructor defaults).
-# A diffusers scheduler_config.json holds every key of the class that wrote it; a key
-# it lacks takes the default of the class that would read it, as diffusers does.
+# Per diffusers scheduler class: that class's constructor defaults. A diffusers
+# scheduler_config.json holds every key of the class that wrote it; a key it lacks takes
+# the default of the class that would read it, as diffusers does.
 _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=2e-2, beta_schedule="linear",
                prediction_type="epsilon", steps_offset=0, rescale_betas_zero_snr=False)
 CLASS_DEFAULTS = {
-    "DDIMScheduler": ("ddim", dict(_COMMON, timestep_spacing="leading", set_alpha_to_one=True,
-                                   clip_sample=True, clip_sample_range=1.0)),
-    "DDPMScheduler": ("ddpm", dict(_COMMON, timestep_spacing="leading", clip_sample=True,
-                                   clip_sample_range=1.0, variance_type="fixed_small")),
-    "PNDMScheduler": ("pndm", dict(_COMMON, timestep_spacing="leading", set_alpha_to_one=False,
-                                   skip_prk_steps=False)),
-    "EulerDiscreteScheduler": ("euler", dict(_COMMON, timestep_spacing="linspace",
-                                             use_karras_sigmas=False, final_sigmas_type="zero")),
-    "EulerAncestralDiscreteScheduler": ("euler_a", dict(_COMMON, timestep_spacing="linspace")),
-    "HeunDiscreteScheduler": ("heun", dict(_COMMON, beta_start=0.00085, beta_end=0.012,
-                                           timestep_spacing="linspace", clip_sample=False,
-                                           clip_sample_range=1.0, use_karras_sigmas=False)),
-    "DPMSolverMultistepScheduler": ("dpmpp_2m", dict(_COMMON, timestep_spacing="linspace",
-                                                     use_karras_sigmas=False, solver_order=2,
-                                                     lower_order_final=True, final_sigmas_type="zero")),
+    "DDIMScheduler": dict(_COMMON, timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True,
+                          clip_sample_range=1.0),
+    "DDPMScheduler": dict(_COMMON, timestep_spacing="leading", clip_sample=True, clip_sample_range=1.0,
+                          variance_type="fixed_small"),
+    "PNDMScheduler": dict(_COMMON, timestep_spacing="leading", set_alpha_to_one=False, skip_prk_steps=False),
+    "EulerDiscreteScheduler": dict(_COMMON, timestep_spacing="linspace", use_karras_sigmas=False,
+                                   final_sigmas_type="zero"),
+    "EulerAncestralDiscreteScheduler": dict(_COMMON, timestep_spacing="linspace"),
+    "HeunDiscreteScheduler": dict(_COMMON, beta_start=0.00085, beta_end=0.012, timestep_spacing="linspace",
+                                  clip_sample=False, clip_sample_range=1.0, use_karras_sigmas=False),
+    "DPMSolverMultistepScheduler": dict(_COMMON, timestep_spacing="linspace", use_karras_sigmas=False,
+                                        solver_order=2, lower_order_final=True, final_sigmas_type="zero"),
 }
-SAMPLER_CLASS = {sampler: cls for cls, (sampler, _) in CLASS_DEFAULTS.items()}
-SAMPLER_CLASS["dpmpp_2m_karras"] = "DPMSolverMultistepScheduler"
-_SIGMA_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+# The classes that keep sigmas (and need a finite first one under zero-terminal-SNR).
+_SIGMA_CLASSES = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler")
+# sampler name -> the diffusers class whose defaults it reads: filled from the sampler
+# registry (fastdiff.sampling.registry), the one table of sampler names.
+SAMPLER_CLASS: dict = {}
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"scheduler config {name} must be a positive integer, got {value!r}")
+
+
+def _check_beta(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"scheduler config {name} must be a number in (0, 1), got {value!r}")
+
 
 # Keys fastdiff reads, and values it cannot honour (an error beats a silent mismatch).
 _UNSUPPORTED = {
@@ -145,6 +157,33 @@ class SchedulerConfig:
     sigma_max: Optional[float] = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self):
+        # A bad config is refused here, not as NaN samples later.
+        if self.num_train_timesteps is not None:
+            _check_positive_int("num_train_timesteps", self.num_train_timesteps)
+        if self.beta_schedule in (None, "linear", "scaled_linear"):  # the schedules that read them
+            for name in ("beta_start", "beta_end"):
+                if getattr(self, name) is not None:
+                    _check_beta(name, getattr(self, name))
+        if self.trained_betas is not None:
+            if len(self.trained_betas) == 0:
+                raise ValueError("scheduler config trained_betas is empty")
+            bad = [b for b in self.trained_betas if not (isinstance(b, (int, float)) and 0.0 < b < 1.0)]
+            if bad:
+                raise ValueError(f"scheduler config trained_betas must all lie in (0, 1), got {bad[0]!r} "
+                                 f"({len(bad)} of {len(self.trained_betas)} outside)")
+        for kind, name, valid in (("beta schedule", "beta_schedule", BETA_SCHEDULES),
+                                  ("prediction type", "prediction_type", PREDICTION_TYPES),
+                                  ("timestep spacing", "timestep_spacing", TIMESTEP_SPACINGS),
+                                  ("variance type", "variance_type", VARIANCE_TYPES),
+                                  ("final sigmas type", "final_sigmas_type", FINAL_SIGMAS_TYPES)):
+            if getattr(self, name) is not None:
+                _check_choice(kind, getattr(self, name), valid)
+        if self.steps_offset is not None and (isinstance(self.steps_offset, bool) or
+                                              not isinstance(self.steps_offset, (int, np.integer)) or
+                                              self.steps_offset < 0):
+            raise ValueError(f"scheduler config steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+
     @classmethod
     def from_dict(cls, data: dict) -> "SchedulerConfig":
         names = {f.name for f in fields(cls)} - {"class_name", "extra"}
@@ -177,18 +216,19 @@ class SchedulerConfig:
 
     @property
     def default_sampler(self) -> str:
-        if self.class_name in CLASS_DEFAULTS:
-            sampler = CLASS_DEFAULTS[self.class_name][0]
-            if sampler == "dpmpp_2m" and self.use_karras_sigmas:
-                return "dpmpp_2m_karras"
-            return sampler
-        return "ddim"
+        """The sampler that equals this config's diffusers class (ddim for a class fastdiff lacks);
+        a DPM-Solver config with Karras sigmas picks the Karras variant."""
+        names = [name for name, cls in SAMPLER_CLASS.items() if cls == self.class_name]
+        if not names:
+            return "ddim"
+        karras = [name for name in names if name.endswith("_karras")]
+        return karras[0] if self.use_karras_sigmas and karras else names[0]
 
     def resolved(self, sampler: str) -> "SchedulerConfig":
         """Every key filled in: the file's value, else the reading class's default."""
         if sampler not in SAMPLER_CLASS:
             raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLER_CLASS)}")
-        defaults = CLASS_DEFAULTS[SAMPLER_CLASS[sampler]][1]
+        defaults = CLASS_DEFAULTS[SAMPLER_CLASS[sampler]]
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         cfg = replace(self, **updates)
         _check_choice("beta schedule", cfg.beta_schedule, BETA_SCHEDULES)
@@ -209,11 +249,25 @@ class SchedulerConfig:
         if cfg.rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        if cfg.rescale_betas_zero_snr and sampler in _SIGMA_SAMPLERS:
+        if cfg.rescale_betas_zero_snr and SAMPLER_CLASS[sampler] in _SIGMA_CLASSES:
             # As diffusers' sigma-based schedulers: a tiny alpha_bar instead of 0 keeps
             # the first sigma finite (its DDIM/DDPM/PNDM keep the exact 0).
             alphas_cumprod[-1] = 2**-24
         return NoiseSchedule(alphas_cumprod.double().numpy(), cfg.prediction_type)
+
+
+def as_scheduler_config(config: Optional[Union[SchedulerConfig, dict, str, os.PathLike]]) -> SchedulerConfig:
+    """A SchedulerConfig from one, a dict of scheduler_config.json's keys, or a path (None: the defaults)."""
+    if config is None:
+        return SchedulerConfig()
+    if isinstance(config, SchedulerConfig):
+        return config
+    if isinstance(config, dict):
+        return SchedulerConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return SchedulerConfig.from_json(config)
+    raise TypeError(f"config must be a SchedulerConfig, a dict or a path to scheduler_config.json, "
+                    f"got {type(config).__name__}")
 
 
 def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str,

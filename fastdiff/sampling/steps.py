@@ -13,7 +13,8 @@ separate input scaling pass and their trajectories are the diffusers ones, scale
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -48,7 +49,10 @@ class Plan:
     learned_variance: bool = False
     denoised_is_x0: bool = True  # whether Step.write_denoised writes x0 (else e.g. eps)
     name: str = ""
-    extra: dict = field(default_factory=dict)
+    # How classifier guidance (run_plan's cond_fn) enters a step: "mean" shifts the step's
+    # mean by its variance times the gradient (Sohl-Dickstein et al. 2015; ancestral DDPM),
+    # "score" shifts eps by -sqrt(1 - alpha_bar) times it (Song et al. 2021b); None: no meaning.
+    classifier_guidance: Optional[str] = None
 
 
 def row(x0=(0.0, 0.0), out=(0.0, 0.0, 0.0), noise=0.0, den=(0.0, 0.0, 1.0), logvar=(0.0, 0.0), hist=()):
@@ -90,59 +94,125 @@ def _train_sigmas_f32(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- DDIM / DDPM
+#
+# One construction each, over the alpha_bar a step starts from and the one it steps to:
+# diffusers' DDIM/DDPM (ddim_plan, ddpm_plan below) and GLIDE's respaced process
+# (respaced.py) differ only in which alpha_bars they pair and how they round them.
+
+
+def check_eta(eta) -> float:
+    """DDIM's eta: a finite number >= 0 (0 deterministic, 1 DDPM-like)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eta must be a number >= 0, got {eta!r}")
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    return float(eta)
+
+
+def _x0_eps_coefficients(prediction_type: str, a: float):
+    """(x0, eps) coefficients on (x, p) at alpha_bar a; epsilon as glide-text2im rounds them."""
+    if prediction_type == "epsilon":
+        return (math.sqrt(1.0 / a), -math.sqrt(1.0 / a - 1.0)), (0.0, 1.0)
+    return vp_conversion(prediction_type, a)
+
+
+def ddim_steps(timesteps, alpha_bars, prev_alpha_bars, *, eta: float, prediction_type: str = "epsilon",
+               eps_from_x0: bool = False, noise_at_last: bool = True) -> list:
+    """DDIM steps (Song et al. 2021, eq. 12) from alpha_bar a to a':
+    x' = sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z,  s = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a').
+
+    eps_from_x0: eps re-derived from the (clipped) x0, as GLIDE and diffusers'
+    use_clipped_model_output do. noise_at_last: the last step draws its (zero-scaled) noise
+    too, as diffusers does; GLIDE's does not."""
+    steps = []
+    last = len(timesteps) - 1
+    for k, (t, a, ap) in enumerate(zip(timesteps, alpha_bars, prev_alpha_bars)):
+        std = eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(1.0 - a / ap)
+        direction = math.sqrt(max(1.0 - ap - std**2, 0.0))
+        (x0x, x0p), (ex, ep) = _x0_eps_coefficients(prediction_type, a)
+        if eps_from_x0:
+            out = (direction / math.sqrt(1.0 - a), 0.0, math.sqrt(ap) - direction * math.sqrt(a) / math.sqrt(1.0 - a))
+        else:
+            out = (direction * ex, direction * ep, math.sqrt(ap))
+        steps.append(Step(float(t), row((x0x, x0p), out, noise=std),
+                          noise=eta > 0 and (noise_at_last or k < last), alpha_bar=a))
+    return steps
+
+
+def ddpm_steps(timesteps, alpha_bars, prev_alpha_bars, betas, variances, *, prediction_type: str = "epsilon",
+               min_log_variances=None, noise_at_last: bool = True) -> list:
+    """Ancestral DDPM steps (Ho et al. 2020) from alpha_bar a to a' (beta = 1 - a / a'):
+    x' = (sqrt(1 - beta) (1 - a') x + sqrt(a') beta x0) / (1 - a) + std z, the mean of q(x' | x, x0) (eq. 7).
+
+    variances: each step's fixed variance (std = its sqrt); min_log_variances instead: the
+    learned range of Nichol & Dhariwal 2021 (eq. 15), log var between log beta and these.
+    The last step adds noise only when noise_at_last and its t > 0 (diffusers); GLIDE's never does."""
+    steps = []
+    last = len(timesteps) - 1
+    for k, (t, a, ap, beta) in enumerate(zip(timesteps, alpha_bars, prev_alpha_bars, betas)):
+        x0_coeffs, _ = _x0_eps_coefficients(prediction_type, a)
+        out = ((1.0 - ap) * math.sqrt(1.0 - beta) / (1.0 - a), 0.0, beta * math.sqrt(ap) / (1.0 - a))
+        if min_log_variances is not None:
+            std, logvar = 1.0, (math.log(beta), float(min_log_variances[k]))
+        else:
+            std, logvar = math.sqrt(max(float(variances[k]), 0.0)), (0.0, 0.0)
+        steps.append(Step(float(t), row(x0_coeffs, out, noise=std, logvar=logvar),
+                          noise=k < last or (noise_at_last and t > 0), alpha_bar=a))
+    return steps
+
+
+def _clip_range(cfg: SchedulerConfig) -> Optional[float]:
+    return cfg.clip_sample_range if cfg.clip_sample else None
+
 
 def ddim_plan(cfg: SchedulerConfig, num_steps: int, eta: float = 0.0,
               use_clipped_model_output: bool = False, start: int = 0) -> Plan:
-    """DDIM (Song et al. 2021, eq. 12), diffusers' timesteps and final alpha."""
+    """DDIM (Song et al. 2021, eq. 12) on diffusers' timesteps, stepping t -> t - T // num_steps.
+
+    In k-diffusion's form (x_ve = x / sqrt(a), sigma = sqrt((1 - a) / a)): x_ve += d * dt with
+    d = (x_ve - x0) / sigma and dt = sigma_down - sigma, then + sigma_up z; eta = 0 gives
+    sigma_down = sigma_next, sigma_up = 0 (DDIM is Euler's method in sigma)."""
+    eta = check_eta(eta)
     cfg = cfg.resolved("ddim")
     sched = cfg.noise_schedule("ddim")
     ac, T = sched.alphas_cumprod, sched.num_train_timesteps
     final = 1.0 if cfg.set_alpha_to_one else ac[0]
-    steps = []
-    for t in spaced_timesteps(T, num_steps, cfg.timestep_spacing, cfg.steps_offset)[start:]:
-        prev = t - T // num_steps
-        a, ap = ac[t], (ac[prev] if prev >= 0 else final)
-        (x0x, x0p), (ex, ep) = vp_conversion(cfg.prediction_type, a)
-        var = (1 - ap) / (1 - a) * (1 - a / ap)
-        std = eta * np.sqrt(var)
-        direction = np.sqrt(max(1 - ap - std**2, 0.0))
-        out = [direction * ex, direction * ep, np.sqrt(ap)]
-        if use_clipped_model_output:  # eps re-derived from the (clipped) x0, as GLIDE does
-            out = [direction / np.sqrt(1 - a), 0.0, np.sqrt(ap) - direction * np.sqrt(a) / np.sqrt(1 - a)]
-        steps.append(Step(float(t), row((x0x, x0p), out, noise=std), noise=eta > 0, alpha_bar=a))
-    return Plan(steps, clip_range=cfg.clip_sample_range if cfg.clip_sample else None, name="ddim")
+    timesteps = spaced_timesteps(T, num_steps, cfg.timestep_spacing, cfg.steps_offset)[start:]
+    prev = timesteps - T // num_steps
+    steps = ddim_steps(timesteps, ac[timesteps], np.where(prev >= 0, ac[np.maximum(prev, 0)], final), eta=eta,
+                       prediction_type=cfg.prediction_type, eps_from_x0=use_clipped_model_output)
+    return Plan(steps, clip_range=_clip_range(cfg), name="ddim", classifier_guidance="score")
 
 
 def ddpm_plan(cfg: SchedulerConfig, num_steps: int, timesteps=None, start: int = 0) -> Plan:
-    """Ancestral DDPM (Ho et al. 2020) over any timestep subset; fixed or learned-range variance."""
+    """Ancestral DDPM (Ho et al. 2020) over any timestep subset; fixed or learned-range variance.
+
+    In k-diffusion's form (x_ve = x / sqrt(a), sigma = sqrt((1 - a) / a)): x_ve += d * dt with
+    d = (x_ve - x0) / sigma, dt = sigma_down - sigma, sigma_down = sigma_next^2 / sigma, then
+    + sigma_up z with sigma_up^2 = sigma_next^2 - sigma_down^2 (fixed_small: k-diffusion's
+    euler_ancestral at eta = 1); fixed_large and learned_range widen sigma_up."""
     cfg = cfg.resolved("ddpm")
     sched = cfg.noise_schedule("ddpm")
     ac, T = sched.alphas_cumprod, sched.num_train_timesteps
     if timesteps is None:
         timesteps = spaced_timesteps(T, num_steps, cfg.timestep_spacing, cfg.steps_offset)
+        if len(set(timesteps.tolist())) < len(timesteps):
+            raise ValueError(f"num_steps={num_steps} repeats timesteps with timestep_spacing={cfg.timestep_spacing!r} "
+                             f"on {T} training timesteps: take fewer steps or another spacing")
     timesteps = [int(t) for t in timesteps][start:]
     if any(b >= a for a, b in zip(timesteps, timesteps[1:])) or timesteps[0] >= T or timesteps[-1] < 0:
         raise ValueError(f"timesteps must be strictly descending within [0, {T}), got {timesteps}")
+    a = ac[timesteps]
+    ap = np.append(a[1:], 1.0)
+    betas = 1.0 - a / ap
+    posterior = np.maximum((1.0 - ap) / (1.0 - a) * betas, 1e-20)
     learned = cfg.variance_type == "learned_range"
-    steps = []
-    for i, t in enumerate(timesteps):
-        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        a, ap = ac[t], (ac[prev] if prev >= 0 else 1.0)
-        beta = 1 - a / ap
-        (x0x, x0p), _ = vp_conversion(cfg.prediction_type, a)
-        # Posterior mean of q(x_prev | x_t, x0) (Ho et al. eq. 7).
-        out = [np.sqrt(a / ap) * (1 - ap) / (1 - a), 0.0, np.sqrt(ap) * beta / (1 - a)]
-        posterior_var = max((1 - ap) / (1 - a) * beta, 1e-20)
-        logvar = (0.0, 0.0)
-        if learned:  # Nichol & Dhariwal 2021 eq. 15: interpolate log beta_tilde .. log beta
-            std, logvar = 1.0, (np.log(beta), np.log(posterior_var))
-        elif cfg.variance_type == "fixed_large":
-            std = np.sqrt(beta)
-        else:  # fixed_small, fixed_small_log
-            std = np.sqrt(posterior_var)
-        steps.append(Step(float(t), row((x0x, x0p), out, noise=std, logvar=logvar), noise=t > 0, alpha_bar=a))
-    return Plan(steps, clip_range=cfg.clip_sample_range if cfg.clip_sample else None,
-                learned_variance=learned, name="ddpm")
+    # fixed_small(_log) take the posterior variance; fixed_large beta (Ho et al. section 3.2)
+    variances = betas if cfg.variance_type == "fixed_large" else posterior
+    steps = ddpm_steps(timesteps, a, ap, betas, variances, prediction_type=cfg.prediction_type,
+                       min_log_variances=np.log(posterior) if learned else None)
+    return Plan(steps, clip_range=_clip_range(cfg), learned_variance=learned, name="ddpm",
+                classifier_guidance="mean")
 
 
 # --------------------------------------------------------------------------- PNDM
@@ -150,6 +220,10 @@ def ddpm_plan(cfg: SchedulerConfig, num_steps: int, timesteps=None, start: int =
 def pndm_plan(cfg: SchedulerConfig, num_steps: int, start: int = 0) -> Plan:
     """PNDM (Liu et al. 2022): Runge-Kutta warm-up (unless skip_prk_steps), then linear multistep.
 
+    In k-diffusion's form (x_ve = x / sqrt(a), sigma = sqrt((1 - a) / a)): x_ve += d * dt with
+    dt = sigma_prev - sigma and d = e', the pseudo-linear-multistep eps (55 e_0 - 59 e_1 +
+    37 e_2 - 9 e_3) / 24 (fewer terms while the history fills; Runge-Kutta weights 1/6, 1/3,
+    1/3, 1/6 in the warm-up): for an eps model d = (x_ve - x0) / sigma is eps itself.
     Mirrors diffusers' PNDMScheduler state machine step by step. The multistep history
     holds raw model outputs (each step's ``denoised`` output is its guided prediction).
     """
@@ -239,7 +313,7 @@ def pndm_plan(cfg: SchedulerConfig, num_steps: int, start: int = 0) -> Plan:
         # x0 at the model's timestep, for previews only (OUT_X0 is 0).
         s.row[C.X0_X], s.row[C.X0_P] = vp_conversion(cfg.prediction_type, ac[int(s.t)])[0]
         s.alpha_bar = ac[int(s.t)]
-    return Plan(steps, denoised_is_x0=False, name="pndm")
+    return Plan(steps, denoised_is_x0=False, name="pndm", classifier_guidance="score")
 
 
 def _pndm_step(t, i, sample_ref, update) -> Step:
@@ -293,7 +367,11 @@ def _init_scale(cfg, sigmas):
 
 def euler_plan(cfg: SchedulerConfig, num_steps: int, ancestral: bool = False, start: int = 0) -> Plan:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn),
-    or its ancestral variant (k-diffusion's sample_euler_ancestral)."""
+    or its ancestral variant (k-diffusion's sample_euler_ancestral).
+
+    x_ve += d * dt with d = (x_ve - x0) / sigma and dt = sigma_next - sigma; ancestral:
+    dt = sigma_down - sigma, then + sigma_up z (sigma_up = sqrt(sigma_next^2 (sigma^2 -
+    sigma_next^2) / sigma^2), sigma_down = sqrt(sigma_next^2 - sigma_up^2)). Held as x = x_ve * alpha."""
     name = "euler_a" if ancestral else "euler"
     cfg = cfg.resolved(name)
     sigmas, timesteps = _sigma_grid(cfg, name, num_steps, karras=bool(cfg.use_karras_sigmas) and not ancestral)
@@ -306,11 +384,16 @@ def euler_plan(cfg: SchedulerConfig, num_steps: int, ancestral: bool = False, st
         out = (alpha_n * ratio / alpha, 0.0, alpha_n * (1 - ratio))
         steps.append(Step(float(t), row(ve_conversion(cfg.prediction_type, s), out, noise=alpha_n * up),
                           noise=ancestral, alpha_bar=alpha**2))
-    return Plan(steps, init_scale=_init_scale(cfg, sigmas), t_dtype=torch.float32, name=name)
+    return Plan(steps, init_scale=_init_scale(cfg, sigmas), t_dtype=torch.float32, name=name,
+                classifier_guidance="score")
 
 
 def heun_plan(cfg: SchedulerConfig, num_steps: int, start: int = 0) -> Plan:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1), Euler on the last step to sigma 0."""
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1), Euler on the last step to sigma 0.
+
+    x_ve += (d + d') / 2 * dt with d = (x_ve - x0) / sigma, dt = sigma_next - sigma, and d' the
+    same at the Euler point (x_ve + d * dt, sigma_next): two steps here, the second reading
+    the first's start sample and x0 as history. Held as x = x_ve * alpha."""
     cfg = cfg.resolved("heun")
     sigmas, timesteps = _sigma_grid(cfg, "heun", num_steps, karras=bool(cfg.use_karras_sigmas))
     pred = cfg.prediction_type
@@ -329,13 +412,18 @@ def heun_plan(cfg: SchedulerConfig, num_steps: int, start: int = 0) -> Plan:
         corr = row(ve_conversion(pred, sn),
                    (dt / (2 * sn), 0.0, -alpha_n * dt / (2 * sn)),
                    hist=(alpha_n * (1 + dt / (2 * s)) / alpha, -alpha_n * dt / (2 * s)))
-        steps.append(Step(float(timesteps[i + 1]), corr, (("x", first), ("den", first))))
+        steps.append(Step(float(timesteps[i + 1]), corr, (("x", first), ("den", first)), alpha_bar=alpha_n**2))
     return Plan(steps, init_scale=_init_scale(cfg, sigmas), t_dtype=torch.float32,
-                clip_range=cfg.clip_sample_range if cfg.clip_sample else None, name="heun")
+                clip_range=_clip_range(cfg), name="heun", classifier_guidance="score")
 
 
 def dpmpp_2m_plan(cfg: SchedulerConfig, num_steps: int, karras: Optional[bool] = None, start: int = 0) -> Plan:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint), diffusers' order and final-step rules."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint), diffusers' order and final-step rules.
+
+    x_ve += d * dt with dt = sigma_next - sigma and d = (x_ve - D) / sigma, where D =
+    (1 + 1 / (2 r)) x0 - 1 / (2 r) x0_prev, r = h_prev / h, h = log(sigma / sigma_next) (the
+    multistep x0; D = x0 on first-order steps): exactly the paper's
+    x' = (sigma_next / sigma) x - (exp(-h) - 1) D. Held as x = x_ve * alpha."""
     cfg = cfg.resolved("dpmpp_2m")
     karras = bool(cfg.use_karras_sigmas) if karras is None else karras
     sched = cfg.noise_schedule("dpmpp_2m")
@@ -382,7 +470,7 @@ def dpmpp_2m_plan(cfg: SchedulerConfig, num_steps: int, karras: Optional[bool] =
             r0 = h0 / h
             r = row(x0_coef, (sig_vp[i + 1] / sig_vp[i], 0.0, base * (1 + 0.5 / r0)), hist=(-0.5 * base / r0,))
             steps.append(Step(float(t), r, (("den", i - 1 - start),), write_denoised=True, alpha_bar=alpha[i] ** 2))
-    return Plan(steps, name="dpmpp_2m_karras" if karras else "dpmpp_2m")
+    return Plan(steps, name="dpmpp_2m_karras" if karras else "dpmpp_2m", classifier_guidance="score")
 
 
 def ve_conversion_dpm(prediction_type: str, alpha_t: float, sigma_t: float):
