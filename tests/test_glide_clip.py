@@ -22,7 +22,8 @@ from fastdiff.loaders.files import CheckpointError
 from fastdiff.loaders.files import state_dict_problems
 from fastdiff.loaders.glide_clip_loader import load_noised_clip
 from fastdiff.loaders.glide_tokenizers import ClipTokenizer, GlideTokenizer
-from fastdiff.models.glide_clip import CLIP_DEFAULTS, NoisedClip
+from fastdiff.guidance.clip import NoisedClip
+from fastdiff.models.glide_clip import CLIP_DEFAULTS
 from tolerances import fp32_bound, reduction_terms
 from deps import require
 

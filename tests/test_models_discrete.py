@@ -11,11 +11,11 @@ from fastdiff.loaders import diffusers_folder as folder_io
 from fastdiff.loaders.files import CheckpointError
 from fastdiff.models.discrete_transformer import VQDiffusionTransformer
 from fastdiff.models.vqvae import VQModel
+from deps import require
 
 diffusers = require("diffusers")
 from sd_fixtures import randomize  # noqa: E402
 from tolerances import fp32_bound, reduction_terms  # noqa: E402
-from deps import require
 
 TRANSFORMERS = {
     "ithq-like": dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, cross_attention_dim=24,

@@ -10,13 +10,16 @@ import warnings
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders import single_file_utils as dsf
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from deps import require
 from fastdiff.loaders import CheckpointError, convert_ldm_checkpoint, load_single_file, to_ldm_checkpoint
 from fastdiff.loaders.single_file import SCHEDULE_BUFFERS, _schedule_buffers, _text_model_prefix
+
+require("diffusers")  # the oracle: its own converters must read fastdiff's exported files
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers.loaders import single_file_utils as dsf  # noqa: E402
 
 TEXT_OVERRIDE = {"sd1": {"num_attention_heads": 4}, "sd2": None}  # SD1's tiny width 32 has no 64-wide heads
 

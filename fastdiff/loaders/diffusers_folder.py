@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .files import CheckpointError, find_weights, load_state_dict_file
+from .files import CheckpointError, check_weights, find_weights, load_state_dict_file
 
 
 def read_json(path: str) -> dict:
@@ -28,7 +28,40 @@ def read_model_index(folder: str) -> Dict[str, Optional[tuple]]:
     """{"_class_name": ..., component: (library, class) or None} from model_index.json."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder not found: {folder}")
-    return read_json(os.path.join(folder, "model_index.json"))
+    path = os.path.join(folder, "model_index.json")
+    index = read_json(path)
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} must hold a JSON object (\"_class_name\" and one entry per component), "
+                         f"got a JSON {type(index).__name__}")
+    return index
+
+
+def _prefixed(source: str, make):
+    try:
+        return make()
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def check_config(module_cls, config, source: str) -> None:
+    """module_cls.check_config(config) (builds nothing); an error is prefixed by `source`, the file."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} must hold a JSON object of {module_cls.__name__} settings, "
+                         f"got {type(config).__name__}")
+    _prefixed(source, lambda: module_cls.check_config(config))
+
+
+def build_module(module_cls, config, source: str) -> torch.nn.Module:
+    """module_cls.from_config(config) after check_config; a config error is prefixed by `source`, the file."""
+    check_config(module_cls, config, source)
+    return _prefixed(source, lambda: module_cls.from_config(config))
+
+
+def check_component_configs(folder: str, components: Dict[str, type]) -> None:
+    """Every {name: module class} config of a folder checked before any module is built or weight read."""
+    for name, module_cls in components.items():
+        config_file = os.path.join(component_dir(folder, name), "config.json")
+        check_config(module_cls, read_json(config_file), config_file)
 
 
 def check_components(folder: str, index: dict, required, family: str) -> None:
@@ -50,10 +83,11 @@ def component_dir(folder: str, name: str) -> str:
 def load_module(module_cls, folder: str, name: str, device=None, dtype=None) -> torch.nn.Module:
     """Build fastdiff's module from <folder>/<name>/config.json and load its weights strictly."""
     path = component_dir(folder, name)
-    config = read_json(os.path.join(path, "config.json"))
-    model = module_cls.from_config(config)
+    config_file = os.path.join(path, "config.json")
+    model = build_module(module_cls, read_json(config_file), config_file)
     weights_file = find_weights(path)
     state = load_state_dict_file(weights_file)
+    check_weights(state, weights_file, model.state_dict())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -64,15 +98,37 @@ def load_module(module_cls, folder: str, name: str, device=None, dtype=None) -> 
 
 
 def load_text_encoder(folder: str, name: str = "text_encoder", device=None, dtype=None):
+    """transformers' CLIPTextModel, loaded as strictly as fastdiff's own modules: every weight of
+    the architecture present with its shape, float, finite; nothing unknown besides position_ids
+    (a buffer transformers rebuilds)."""
     from transformers import CLIPTextModel
+
+    from .quiet import quiet_loading
 
     path = component_dir(folder, name)
     read_json(os.path.join(path, "config.json"))
-    find_weights(path, stems=("model", "pytorch_model"))
+    weights_file = find_weights(path, stems=("model", "pytorch_model"))
+    # Read once through fastdiff's reader first: a corrupt or unsafe pickle is refused in one line
+    # that names the file (transformers would raise torch's raw UnpicklingError), and values are checked.
+    state = load_state_dict_file(weights_file)
+    # Every weight of CLIP's text model is float; position_ids (int64) is the one integer buffer.
+    check_weights(state, weights_file, {k: torch.empty(0) for k in state if not k.endswith("position_ids")})
+    del state
     try:
-        model = CLIPTextModel.from_pretrained(path, local_files_only=True, use_safetensors=None)
+        with quiet_loading():
+            model, info = CLIPTextModel.from_pretrained(path, local_files_only=True, use_safetensors=None,
+                                                        output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the text encoder from {path}: {str(exc).splitlines()[0]}") from None
+    missing = sorted(k for k in info["missing_keys"] if not k.endswith("position_ids"))
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith("position_ids"))
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"])
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"{weights_file} does not match the {name} architecture of its config.json:"
+            + (f" missing {missing[:8]}" if missing else "")
+            + (f" unexpected {unexpected[:8]}" if unexpected else "")
+            + (f" shape mismatch {mismatched[:8]}" if mismatched else ""))
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -111,6 +167,5 @@ def load_learned_null_embeddings(folder: str, name: str) -> Optional[torch.Tenso
     if tuple(embeddings.shape) != (length, hidden):
         raise CheckpointError(f"{weights_file}: 'embeddings' has shape {tuple(embeddings.shape)}, its config "
                               f"says {(length, hidden)}")
-    if not torch.isfinite(embeddings).all():
-        raise CheckpointError(f"{weights_file}: 'embeddings' contains NaN or infinite values")
+    check_weights(state, weights_file, {"embeddings": torch.empty(0)})  # a float embedding, finite
     return embeddings

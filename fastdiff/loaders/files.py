@@ -18,6 +18,17 @@ class CheckpointError(ValueError):
     """A weight file that exists but cannot be used (corrupt, truncated, wrong contents)."""
 
 
+def _pickle_problem(exc: Exception) -> str:
+    """One line on why torch.load(weights_only=True) refused a file. torch's own message starts by
+    suggesting weights_only=False, i.e. running whatever code the file holds: never the advice here."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = next((line for line in lines[1:] if "GLOBAL" in line or "Unsupported" in line), "")
+        return ("it holds objects other than tensors, which a weight file never needs and which fastdiff does "
+                "not run (it loads pickles with weights_only=True)" + (f": {detail}" if detail else ""))
+    return f"corrupt, truncated, or not a weight file ({lines[0] if lines else type(exc).__name__})"
+
+
 def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> Dict[str, Tensor]:
     """The tensors of one weight file, keyed by name."""
     path = os.fspath(path)
@@ -35,9 +46,7 @@ def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "
         try:
             obj = torch.load(path, map_location=device, weights_only=True)
         except Exception as exc:  # unpickling errors come in many types; all mean the same here
-            raise CheckpointError(
-                f"cannot read {path}: corrupt, truncated, or holds objects other than tensors "
-                f"(loaded with weights_only=True): {str(exc).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot read {path}: {_pickle_problem(exc)}") from None
         # Lightning-style checkpoints keep the weights under "state_dict".
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
@@ -45,6 +54,28 @@ def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "
             raise CheckpointError(f"{path} does not hold a mapping of names to tensors")
         return obj
     raise CheckpointError(f"unknown weight file type: {path} (expected .safetensors, .bin, .pt, .pth or .ckpt)")
+
+
+def check_weights(state: Mapping[str, Tensor], source: str,
+                  expected: Optional[Mapping[str, Tensor]] = None, shown: int = 5) -> None:
+    """Refuse weights that would load into a broken model: NaN or infinite values in any float
+    tensor, and (given the model's own `expected` tensors) an integer or bool tensor where the
+    model holds a float one, which load_state_dict would otherwise cast silently.
+
+    CheckpointError naming `source` (the file) and the first few tensors.
+    """
+    if expected is not None:
+        cast = [f"{k} ({v.dtype})" for k, v in state.items()
+                if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
+        if cast:
+            more = f" and {len(cast) - shown} more" if len(cast) > shown else ""
+            raise CheckpointError(f"{source} holds integer tensors for float parameters: "
+                                  f"{', '.join(cast[:shown])}{more}; the file is corrupt or not these weights")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise CheckpointError(f"{source} holds NaN or infinite values in {', '.join(bad[:shown])}{more}; "
+                              "the file is corrupt")
 
 
 def find_weights(folder: str | os.PathLike, stems: Iterable[str] = ("diffusion_pytorch_model", "model"),

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..models.adm_unet import Text2ImUNet, glide_options, model_in_channels
-from .files import load_state_dict_file, state_dict_problems
+from .files import check_weights, load_state_dict_file, state_dict_problems
 
 SHOWN = 5  # mismatches named in an error
 
@@ -54,9 +54,7 @@ def load_glide_model(path: str | os.PathLike, options: Optional[Dict] = None, *,
                          f"(image_size={options['image_size']}, num_channels={options['num_channels']}, "
                          f"super_res={options['super_res']}, inpaint={options['inpaint']}): "
                          + "; ".join(problems) + "." + _variant_hint(state, options))
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{path} holds NaN or infinite weights (e.g. {', '.join(bad[:SHOWN])}); the file is corrupt")
+    check_weights(state, path, model.state_dict(), shown=SHOWN)
     model.load_state_dict(state, strict=True)
     model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype)

@@ -15,8 +15,9 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..models.glide_clip import CLIP_DEFAULTS, ClipTextEncoder, NoisedClip, NoisedClipImageEncoder
-from .files import load_state_dict_file, state_dict_problems
+from ..guidance.clip import NoisedClip
+from ..models.glide_clip import CLIP_DEFAULTS, ClipTextEncoder, NoisedClipImageEncoder
+from .files import check_weights, load_state_dict_file, state_dict_problems
 from .glide_tokenizers import ClipTokenizer, require_files
 
 IMAGE_WEIGHTS, TEXT_WEIGHTS = "clip_image_enc.pt", "clip_text_enc.pt"
@@ -30,10 +31,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def load_strict(module: nn.Module, state: Mapping[str, Tensor], source: str, hint: str = "") -> None:
-    """load_state_dict(strict=True), after turning any mismatch into a ValueError that names it."""
-    problems = state_dict_problems(module.state_dict(), state)
+    """load_state_dict(strict=True), after turning any mismatch, integer tensor for a float weight,
+    or NaN / infinite value into a ValueError that names it."""
+    expected = module.state_dict()
+    problems = state_dict_problems(expected, state)
     if problems:
         raise ValueError(f"{source} does not fit the model: " + "; ".join(problems) + (f". {hint}" if hint else ""))
+    check_weights(state, source, expected, shown=SHOWN)
     module.load_state_dict(state, strict=True)
 
 
@@ -125,10 +129,6 @@ def load_noised_clip(folder: Optional[PathLike] = None, *, image: Optional[PathL
     for part, module in (("image", clip.image_encoder), ("text", clip.text_encoder)):
         state = load_state_dict_file(paths[part])
         load_strict(module, state, paths[part], hint)
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise ValueError(f"{paths[part]} holds NaN or infinite weights (e.g. {', '.join(bad[:SHOWN])}): "
-                             f"the file is corrupt")
     if tokenizer.n_vocab > settings["n_vocab"]:
         raise ValueError(f"{paths['bpe']} gives {tokenizer.n_vocab} token ids but the text encoder embeds only "
                          f"{settings['n_vocab']}: the tokenizer does not belong to these weights")

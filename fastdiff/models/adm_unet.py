@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .config_checks import is_int
 
 OUT_CHANNELS = 6  # eps (3) + the learned-range variance interpolation (3)
 
@@ -55,6 +56,29 @@ def glide_options(upsampler: bool = False, **overrides) -> Dict[str, Any]:
     return options
 
 
+# Widths and counts that must be integers >= the bound (-1 is ADM's "not set" for the head options).
+_OPTION_MINIMUM = dict(image_size=1, num_channels=32, num_res_blocks=1, num_heads=1, text_ctx=1, xf_width=0,
+                       xf_layers=0, diffusion_steps=1)
+_OPTION_UNSET_OR_POSITIVE = ("num_head_channels", "num_heads_upsample")
+
+
+def check_glide_options(options: Dict[str, Any]) -> None:
+    """ValueError naming the first width or count GLIDE cannot build from (negative, zero, not an int)."""
+    def refuse(key: str, valid: str) -> ValueError:
+        return ValueError(f"GLIDE option {key}={options[key]!r} is not valid (needs {valid})")
+
+    for key, minimum in _OPTION_MINIMUM.items():
+        if not is_int(options[key]) or options[key] < minimum:
+            raise refuse(key, "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+    if options["num_channels"] % 32:
+        raise refuse("num_channels", "a multiple of 32: GLIDE's GroupNorm has 32 groups")
+    for key in _OPTION_UNSET_OR_POSITIVE:
+        if not is_int(options[key]) or not (options[key] == -1 or options[key] > 0):
+            raise refuse(key, "a positive integer, or -1 for unset")
+    if options["xf_width"] and (not is_int(options["xf_heads"]) or options["xf_heads"] < 1):
+        raise refuse("xf_heads", "a positive integer when xf_width > 0")
+
+
 def parse_channel_mult(options: Dict[str, Any]) -> Tuple[int, ...]:
     size, mult = int(options["image_size"]), options["channel_mult"]
     if mult in ("", None):
@@ -63,6 +87,8 @@ def parse_channel_mult(options: Dict[str, Any]) -> Tuple[int, ...]:
                              "give channel_mult, e.g. '1,2,3,4'")
         return DEFAULT_CHANNEL_MULT[size]
     parsed = tuple(int(m) for m in mult.split(",")) if isinstance(mult, str) else tuple(int(m) for m in mult)
+    if not parsed or min(parsed) < 1:
+        raise ValueError(f"GLIDE option channel_mult={mult!r} is not valid (needs positive integers, e.g. '1,2,3,4')")
     if 2 ** (len(parsed) + 2) != size:  # glide-text2im asserts this relation too
         raise ValueError(f"channel_mult {mult!r} has {len(parsed)} levels; GLIDE requires "
                          f"2 ** (levels + 2) == image_size, i.e. {max(int(math.log2(size)) - 2, 1)} levels "
@@ -321,10 +347,9 @@ class Text2ImUNet(nn.Module):
     def __init__(self, options: Dict[str, Any], n_vocab: int):
         super().__init__()
         options = glide_options(**options)  # fills GLIDE's defaults, rejects unknown keys
+        check_glide_options(options)
         self.options = options
         mc = int(options["num_channels"])
-        if mc % 32:
-            raise ValueError(f"num_channels must be a multiple of 32 (GroupNorm of 32 groups), got {mc}")
         self.model_channels = mc
         self.super_res, self.inpaint = bool(options["super_res"]), bool(options["inpaint"])
         self.image_size = int(options["image_size"])
@@ -401,7 +426,7 @@ class Text2ImUNet(nn.Module):
             raise ValueError("this model has no text transformer (xf_width=0)")
         if tokens.dim() != 2 or tokens.shape[1] != self.text_ctx:
             raise ValueError(f"tokens must be [B, text_ctx={self.text_ctx}], got {tuple(tokens.shape)}")
-        # (Meta tensors, as fastdiff.ops.triton.resources runs the model on, carry no values.)
+        # (Meta tensors, as fastdiff.tools.triton_resources runs the model on, carry no values.)
         if not tokens.is_meta and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_vocab):
             raise ValueError(f"token ids must lie in [0, {self.n_vocab}) for this model's vocabulary")
         xf_in = self.token_embedding(tokens.long()) + self.positional_embedding[None]

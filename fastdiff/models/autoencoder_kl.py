@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 from torch import Tensor, nn
 
 from .blocks import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from .config_checks import check_channels, check_groups, check_sample_size
 
 EPS = 1e-6  # diffusers' Encoder/Decoder fix every GroupNorm's eps to 1e-6, whatever the config
 
@@ -28,7 +29,7 @@ def _unsupported(key: str, value: Any, why: str) -> ValueError:
     return ValueError(f"AutoencoderKL: config {key}={value!r} is not supported ({why})")
 
 
-def parse_config(config: Dict[str, Any]) -> Dict[str, Any]:
+def parse_config(config: Dict[str, Any], name: str = "AutoencoderKL") -> Dict[str, Any]:
     cfg = dict(DEFAULTS)
     for key, value in config.items():
         if key.startswith("_"):
@@ -36,6 +37,9 @@ def parse_config(config: Dict[str, Any]) -> Dict[str, Any]:
         if key not in DEFAULTS:
             raise _unsupported(key, value, "unknown config key")
         cfg[key] = value
+    check_channels(name, "block_out_channels", cfg["block_out_channels"])
+    check_groups(name, cfg["norm_num_groups"], cfg["block_out_channels"])
+    check_sample_size(name, cfg["sample_size"])
     levels = len(cfg["block_out_channels"])
     for key, name in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         if len(cfg[key]) != levels or any(t != name for t in cfg[key]):
@@ -161,6 +165,11 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "AutoencoderKL":
         return cls(config)
+
+    @staticmethod
+    def check_config(config: Dict[str, Any]) -> None:
+        """ValueError naming the first key of `config` this model cannot be built from; builds nothing."""
+        parse_config(config)
 
     def encode(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """image [B, C, H, W] in [-1, 1] -> posterior mean and log-variance, each [B, latent, h, w]."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import Attention, FeedForward
+from .config_checks import positive_int
 
 DEFAULTS: Dict[str, Any] = dict(
     num_attention_heads=16, attention_head_dim=88, in_channels=None, out_channels=None, num_layers=1, dropout=0.0,
@@ -59,6 +60,12 @@ def parse_config(config: Dict[str, Any]) -> Dict[str, Any]:
             raise _unsupported(key, cfg[key], "VQ-Diffusion's blocks have self- then cross-attention")
     if cfg["attention_type"] != "default":
         raise _unsupported("attention_type", cfg["attention_type"], "only 'default'")
+    name = "VQ-Diffusion transformer"
+    positive_int(name, "sample_size", cfg["sample_size"])
+    positive_int(name, "num_vector_embeds", cfg["num_vector_embeds"], minimum=2)  # codes + the mask class
+    for key in ("num_attention_heads", "attention_head_dim", "num_embeds_ada_norm"):
+        positive_int(name, key, cfg[key])
+    positive_int(name, "num_layers", cfg["num_layers"], minimum=0)
     return cfg
 
 
@@ -135,6 +142,11 @@ class VQDiffusionTransformer(nn.Module):
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "VQDiffusionTransformer":
         return cls(config)
+
+    @staticmethod
+    def check_config(config: Dict[str, Any]) -> None:
+        """ValueError naming the first key of `config` this model cannot be built from; builds nothing."""
+        parse_config(config)
 
     @property
     def num_latent_pixels(self) -> int:

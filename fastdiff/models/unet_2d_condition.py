@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .blocks import (Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Timesteps, Transformer2DModel,
                      Upsample2D)
+from .config_checks import check_channels, check_groups, check_sample_size
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -44,8 +45,11 @@ MUST_BE: Dict[str, Any] = dict(
 )
 
 
+NAME = "UNet2DConditionModel"
+
+
 def _unsupported(key: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"UNet2DConditionModel: config {key}={value!r} is not supported ({why})")
+    return ValueError(f"{NAME}: config {key}={value!r} is not supported ({why})")
 
 
 def _per_level(cfg: Dict[str, Any], key: str, levels: int, kind: type) -> List:
@@ -70,6 +74,9 @@ def parse_config(config: Dict[str, Any]) -> Dict[str, Any]:
             cfg[key] = value
         else:
             raise _unsupported(key, value, "unknown config key")
+    check_channels(NAME, "block_out_channels", cfg["block_out_channels"])
+    check_groups(NAME, cfg["norm_num_groups"], cfg["block_out_channels"])
+    check_sample_size(NAME, cfg["sample_size"], optional=True)
     levels = len(cfg["block_out_channels"])
     for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
         if len(cfg[key]) != levels:
@@ -81,8 +88,6 @@ def parse_config(config: Dict[str, Any]) -> Dict[str, Any]:
         raise _unsupported("mid_block_type", cfg["mid_block_type"], "only 'UNetMidBlock2DCrossAttn' is implemented")
     if cfg["act_fn"] not in ("silu", "swish"):
         raise _unsupported("act_fn", cfg["act_fn"], "only 'silu' is implemented")
-    if not isinstance(cfg["norm_num_groups"], int):
-        raise _unsupported("norm_num_groups", cfg["norm_num_groups"], "the SD blocks need an int")
     for key in ("conv_in_kernel", "conv_out_kernel"):
         if not isinstance(cfg[key], int) or cfg[key] % 2 == 0:
             raise _unsupported(key, cfg[key], "needs an odd int for a 'same' convolution")
@@ -230,6 +235,11 @@ class UNet2DConditionModel(nn.Module):
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "UNet2DConditionModel":
         return cls(config)
+
+    @staticmethod
+    def check_config(config: Dict[str, Any]) -> None:
+        """ValueError naming the first key of `config` this model cannot be built from; builds nothing."""
+        parse_config(config)
 
     def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                 encoder_attention_mask: Optional[Tensor] = None) -> Tensor:

@@ -8,12 +8,13 @@ Tokens index the codebook ``quantize.embedding`` row-major over the latent grid.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .autoencoder_kl import Decoder, Encoder, parse_config
+from .config_checks import check_sample_size, positive_int
 
 DEFAULTS: Dict[str, Any] = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
@@ -24,6 +25,27 @@ DEFAULTS: Dict[str, Any] = dict(
 # The keys that shape the encoder and decoder, which the KL autoencoder's parser checks.
 _NETWORK_KEYS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
                  "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "mid_block_add_attention")
+
+
+def parse_vq_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(every key with defaults filled in, the encoder/decoder config); ValueError names a key it cannot build."""
+    cfg = dict(DEFAULTS)
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key not in DEFAULTS:
+            raise ValueError(f"VQModel: config {key}={value!r} is not supported (unknown config key)")
+        cfg[key] = value
+    if cfg["norm_type"] != "group":
+        raise ValueError(f"VQModel: config norm_type={cfg['norm_type']!r} is not supported (only 'group'; "
+                         f"'spatial' is MoVQ's decoder, not VQ-Diffusion's)")
+    if cfg["lookup_from_codebook"]:
+        raise ValueError("VQModel: config lookup_from_codebook=True is not supported (VQ-Diffusion decodes "
+                         "looked-up codebook vectors directly)")
+    shared = parse_config({k: cfg[k] for k in _NETWORK_KEYS}, name="VQModel")
+    check_sample_size("VQModel", cfg["sample_size"])
+    positive_int("VQModel", "num_vq_embeddings", cfg["num_vq_embeddings"])
+    return cfg, shared
 
 
 class VectorQuantizer(nn.Module):
@@ -51,20 +73,7 @@ class VQModel(nn.Module):
 
     def __init__(self, config: Dict[str, Any]):
         super().__init__()
-        cfg = dict(DEFAULTS)
-        for key, value in config.items():
-            if key.startswith("_"):
-                continue
-            if key not in DEFAULTS:
-                raise ValueError(f"VQModel: config {key}={value!r} is not supported (unknown config key)")
-            cfg[key] = value
-        if cfg["norm_type"] != "group":
-            raise ValueError(f"VQModel: config norm_type={cfg['norm_type']!r} is not supported (only 'group'; "
-                             f"'spatial' is MoVQ's decoder, not VQ-Diffusion's)")
-        if cfg["lookup_from_codebook"]:
-            raise ValueError("VQModel: config lookup_from_codebook=True is not supported (VQ-Diffusion decodes "
-                             "looked-up codebook vectors directly)")
-        shared = parse_config({k: cfg[k] for k in _NETWORK_KEYS})
+        cfg, shared = parse_vq_config(config)
         self.config = cfg
         latent = cfg["latent_channels"]
         embed_dim = cfg["vq_embed_dim"] if cfg["vq_embed_dim"] is not None else latent
@@ -79,6 +88,11 @@ class VQModel(nn.Module):
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "VQModel":
         return cls(config)
+
+    @staticmethod
+    def check_config(config: Dict[str, Any]) -> None:
+        """ValueError naming the first key of `config` this model cannot be built from; builds nothing."""
+        parse_vq_config(config)
 
     def encode_tokens(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] in [-1, 1] -> int64 tokens [B, (H/f)*(W/f)]."""
