@@ -11,6 +11,8 @@ import warnings
 import pytest
 import torch
 
+from deps import require
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 require("triton")
@@ -18,15 +20,11 @@ require("triton")
 import importlib  # noqa: E402
 
 op_module = importlib.import_module("fastdiff.ops.attention")  # the module; fastdiff.ops.attention is the op
-from fastdiff.ops.reference import attention as twin  # noqa: E402
 from fastdiff.ops.triton import _launch  # noqa: E402
 from fastdiff.ops.triton import attention as kernel  # noqa: E402
-from deps import require
+from test_attention import assert_attention_close  # noqa: E402  (fp32: fp32_bound; 16-bit: 2x PyTorch's error)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# fp32 rounding of a softmax-weighted sum of unit values over <= 200 keys, with headroom:
-# well under the 1e-2-scale error a wrong scale or a dropped key tile gives.
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 SHAPES = [(4096, 4096, 40), (4096, 77, 40), (1024, 77, 80), (1024, 1024, 80), (1024, 1024, 88), (1024, 77, 88),
           (256, 77, 160), (64, 64, 160), (1024, 1152, 64), (64, 77, 64), (4096, 77, 256), (9216, 77, 40)]
 
@@ -77,10 +75,12 @@ def test_one_key_tile_is_not_pipelined():
 def test_every_tuning_candidate_is_correct(lq, lk, d):
     q, k, v = qkv(lq, lk, d, torch.float16, batch=1, heads=1, seed=d)
     mask = torch.rand(1, lk, generator=torch.Generator().manual_seed(1)).to(DEVICE) > 0.2
-    want = twin(q, k, v, mask).float()
     for config in kernel.tune_candidates(lq, lk, *kernel.split_head_dim(d), torch.float16, d):
-        got = kernel.attention_triton(q, k, v, mask, config=config).float()
-        torch.testing.assert_close(got, want, atol=TOL[torch.float16], rtol=TOL[torch.float16], msg=str(config))
+        got = kernel.attention_triton(q, k, v, mask, config=config)
+        try:
+            assert_attention_close(got, q, k, v, mask)
+        except AssertionError as exc:
+            raise AssertionError(f"config {config}: {exc}") from None
 
 
 class Refuse:
@@ -106,7 +106,7 @@ def test_a_refused_launch_retries_smaller_tiles_once_per_shape(monkeypatch):
         warnings.simplefilter("always")
         out = kernel.attention_triton(q, k, v)
         again = kernel.attention_triton(q, k, v)
-    torch.testing.assert_close(out.float(), twin(q, k, v).float(), atol=TOL[torch.float16], rtol=TOL[torch.float16])
+    assert_attention_close(out, q, k, v)
     assert torch.equal(out, again)
     messages = [str(w.message) for w in caught if "does not fit" in str(w.message)]
     assert len(messages) == 1, messages
@@ -131,7 +131,7 @@ def test_op_runs_sdpa_when_no_tiling_fits(monkeypatch):
         warnings.simplefilter("always")
         out = op_module._cuda_kernel(q, k, v, None, None)
         op_module._cuda_kernel(q, k, v, None, None)
-    torch.testing.assert_close(out.float(), twin(q, k, v).float(), atol=TOL[torch.float16], rtol=TOL[torch.float16])
+    assert_attention_close(out, q, k, v)
     assert sum("using PyTorch's SDPA" in str(w.message) for w in caught) == 1
 
 
@@ -150,7 +150,7 @@ def test_fp32_on_cuda_runs_sdpa_by_default(monkeypatch):
     monkeypatch.setattr(kernel, "attention_triton", must_not_run)
     q, k, v = qkv(50, 77, 40, torch.float32)
     out = op_module._cuda_kernel(q, k, v, None, None)
-    torch.testing.assert_close(out, twin(q, k, v), atol=TOL[torch.float32], rtol=TOL[torch.float32])
+    assert_attention_close(out, q, k, v)
     assert op_module.FP32_ON_CUDA == "sdpa"
 
 
@@ -159,8 +159,7 @@ def test_fp32_small_tiles_are_exact(monkeypatch):
     q, k, v = qkv(70, 77, 80, torch.float32, seed=3)
     config = kernel.launch_config(70, 77, 64, 16, torch.float32, 80)
     assert config[:2] == (32, 32)
-    torch.testing.assert_close(kernel.attention_triton(q, k, v), twin(q, k, v), atol=TOL[torch.float32],
-                               rtol=TOL[torch.float32])
+    assert_attention_close(kernel.attention_triton(q, k, v), q, k, v)
 
 
 class FakeCUDA:

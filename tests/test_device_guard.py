@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from deps import require
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 require("triton")
@@ -17,7 +19,6 @@ require("triton")
 from cuda_fakes import FakeCurrentDevice  # noqa: E402
 from fastdiff.ops import coeffs as C  # noqa: E402
 from fastdiff.ops.triton import _launch  # noqa: E402
-from deps import require
 
 
 class Kernel:

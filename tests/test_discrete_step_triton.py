@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from deps import require
+
 if not torch.cuda.is_available():
     # Read when a kernel is decorated, so it must be set before the module below loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,11 +19,10 @@ require("triton")
 
 import importlib  # noqa: E402
 
-from fastdiff.ops import _library, reference as R  # noqa: E402
+from fastdiff.ops import _dispatch, _library, reference as R  # noqa: E402
 from fastdiff.ops.triton import discrete_step as triton_module  # noqa: E402
 from fastdiff.ops.triton.discrete_step import discrete_step_triton  # noqa: E402
 from test_discrete_step import (  # noqa: E402  (the shared case builders)
-from deps import require
     check_edges,
     check_long_tail,
     check_truncation_against_sort,
@@ -190,13 +191,14 @@ def test_cuda_fallback_routes_by_class_count(monkeypatch):
     """CUDA without the compiled kernel: Triton, or the twin past what one program holds."""
     case = make_case(2, 97, 5, seed=14)
     twin, kernel, calls = R.discrete_step, triton_module.discrete_step_triton, []
+    cuda_kernel = _dispatch.python_kernel("discrete_step", "cuda")
     with monkeypatch.context() as patch:
         patch.setattr(triton_module, "discrete_step_triton",
                       lambda *a: calls.append("triton") or kernel(*a))
         patch.setattr(R, "discrete_step", lambda *a: calls.append("reference") or twin(*a))
-        got = dispatch._cuda_fallback(*case.values())
+        got = cuda_kernel(*case.values())
         patch.setattr(triton_module, "MAX_CLASSES", 64)
-        dispatch._cuda_fallback(*case.values())
+        cuda_kernel(*case.values())
     assert calls == ["triton", "reference"]
     assert torch.equal(got[0], twin(*case.values())[0])
     monkeypatch.setattr(triton_module, "MAX_CLASSES", 64)
@@ -212,7 +214,7 @@ def test_implementation_reports_triton_on_cuda():
         _library.set_backend("reference")
         assert dispatch.implementation("cuda") == "reference"
         _library.set_backend("auto")
-        want = "CUDA C++" if "CUDA" in dispatch._compiled_keys else "Triton"
+        want = "CUDA C++" if _dispatch.is_compiled("discrete_step", "cuda") else "Triton"
         assert dispatch.implementation("cuda") == want
     finally:
         _library.set_backend(before)

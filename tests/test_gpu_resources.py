@@ -2,13 +2,13 @@
 
 - Every Triton launch fastdiff makes for the three families (and tune()'s candidates, and
   the other head dims attention accepts), fp16/bf16/fp32, batches 1 and 4 with CFG, is
-  compiled ahead of time for sm_90 (fastdiff/ops/triton/resources.py) and must fit:
+  compiled ahead of time for sm_90 (fastdiff/tools/triton_resources.py) and must fit:
   shared memory within 232,448 B per block, no register spills for 16-bit launches.
   Results of earlier compiles are kept in tests/data/triton_sm90_resources.json, keyed by
   Triton version, the kernel's source hash and the launch's specialisation, so a run
   compiles only what changed, plus the largest cached launches again to prove the cache
   right. Refresh it with
-      python -m fastdiff.ops.triton.resources --cache tests/data/triton_sm90_resources.json --update-cache
+      python -m fastdiff.tools.triton_resources --cache tests/data/triton_sm90_resources.json --update-cache
 - Every CUDA C++ kernel compiles for sm_80 and sm_90 and spills nothing (ptxas -v).
 """
 import json
@@ -36,7 +36,7 @@ def compiler_env():
 
 def test_every_triton_launch_fits_sm90(tmp_path):
     report = tmp_path / "resources.json"
-    r = subprocess.run([sys.executable, "-m", "fastdiff.ops.triton.resources", "--jobs", str(min(4, os.cpu_count())),
+    r = subprocess.run([sys.executable, "-m", "fastdiff.tools.triton_resources", "--jobs", str(min(4, os.cpu_count())),
                         "--cache", CACHE, "--verify", "12", "--quiet", "--json", str(report)],
                        capture_output=True, text=True, cwd=ROOT, env=compiler_env(), timeout=2400)
     print(r.stdout[-4000:])
@@ -62,7 +62,8 @@ def test_the_check_rejects_what_does_not_fit(tmp_path):
     294,912 B) is refused for shared memory; fp32 spills are reported but allowed."""
     code = r"""
 import torch
-from fastdiff.ops.triton import attention, resources
+from fastdiff.ops.triton import attention
+from fastdiff.tools import triton_resources as resources
 from fastdiff.ops.triton._launch import recording
 
 def compiled(dtype, d, config):
@@ -99,7 +100,7 @@ def test_a_stale_cache_entry_is_caught(tmp_path):
         entry["registers"] += 1
     forged = tmp_path / "forged.json"
     forged.write_text(json.dumps(data))
-    r = subprocess.run([sys.executable, "-m", "fastdiff.ops.triton.resources", "--jobs", "1", "--cache", str(forged),
+    r = subprocess.run([sys.executable, "-m", "fastdiff.tools.triton_resources", "--jobs", "1", "--cache", str(forged),
                         "--verify", "1", "--quiet", "--families", "sd", "--dtypes", "fp16", "--batches", "1",
                         "--no-tuning"], capture_output=True, text=True, cwd=ROOT, env=compiler_env(), timeout=1200)
     assert r.returncode == 1 and "the cache says" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from deps import require
+
 if not torch.cuda.is_available():
     # Read when a kernel is decorated, so it must be set before the module below loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -18,12 +20,11 @@ require("triton")
 
 import importlib  # noqa: E402
 
-from fastdiff.ops import _library  # noqa: E402
+from fastdiff.ops import _dispatch, _library, reference as R  # noqa: E402
 from fastdiff.ops.triton import _launch  # noqa: E402
 from fastdiff.ops.triton import group_norm as triton_module  # noqa: E402
 from fastdiff.ops.triton.group_norm import group_norm_triton  # noqa: E402
 from test_group_norm import (  # noqa: E402  (the shared case builders)
-from deps import require
     COPY_OPS,
     ODD_SHAPES,
     OPTIONS,
@@ -35,6 +36,7 @@ from deps import require
     check_large_mean,
     check_zero_variance,
     dispatched_ops,
+    fp32_error_bound,
     make_case,
 )
 
@@ -160,6 +162,10 @@ def test_nan_propagates():
     out = group_norm_triton(*args_of(case))
     nan = torch.isnan(out)
     assert nan[1, 2:4].all() and nan.sum() == 2 * 5 * 7
+    twin = R.group_norm(*args_of(case))  # the NaN stays in its group; the rest is the twin's
+    assert torch.equal(nan, torch.isnan(twin))
+    bound = 2 * fp32_error_bound(case).expand(out.shape)  # elementwise, as check_output's
+    assert ((out.double() - twin.double()).abs() <= bound)[~nan].all()
 
 
 def test_empty_and_errors():
@@ -175,4 +181,4 @@ def test_cuda_fallback_uses_triton():
     under the interpreter, as the CUDA key would)."""
     case = make_case((2, 12, 5, 6), 3, options="scale_shift_silu", layout="channels_last", device=DEVICE)
     assert _library.triton_available()
-    check_against_twin(dispatch._cuda_fallback, case)
+    check_against_twin(_dispatch.python_kernel("group_norm", "cuda"), case)

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from deps import require
+
 if not torch.cuda.is_available():
     # Read when a kernel is decorated, so it must be set before the module below loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -19,7 +21,6 @@ from fastdiff.ops.reference import guided_step  # noqa: E402
 from fastdiff.ops.triton import guided_step as triton_module  # noqa: E402
 from fastdiff.ops.triton.guided_step import guided_step_triton  # noqa: E402
 from test_guided_step import fp32_tolerance  # noqa: E402  (the same formula's float32 bound)
-from deps import require
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = (2, 3, 17, 9)

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _library, reference
+from . import _dispatch, _library, reference
+from ._checks import check_attention
 
 OP = "attention"
-_compiled_keys = set()  # dispatch keys a compiled C++ kernel filled (none today)
 
 
 def _token_major_empty(q: Tensor, d_v: int) -> Tensor:
@@ -41,6 +41,7 @@ def _token_major_empty(q: Tensor, d_v: int) -> Tensor:
 
 @torch.library.register_fake("fastdiff::attention")
 def _attention_fake(q, k, v, key_padding_mask, scale):
+    check_attention(q, k, v, key_padding_mask, scale)
     return _token_major_empty(q, v.shape[-1])
 
 
@@ -67,14 +68,22 @@ FP32_ON_CUDA = "sdpa"
 _fallback_warned = set()
 
 
-def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                 scale: Optional[float]) -> Tensor:
+def _triton_serves(backend: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask, scale) -> bool:
+    """The flash kernel takes these operands (check_supported), and fp32 only where asked
+    for: by FP32_ON_CUDA, or by the "triton" backend, which forces the kernel for every dtype."""
+    from .triton import attention as triton_attention
+
+    if triton_attention.check_supported(q, k, v) is not None:
+        return False
+    return backend == "triton" or q.dtype != torch.float32 or FP32_ON_CUDA != "sdpa"
+
+
+def _triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+            scale: Optional[float]) -> Tensor:
+    """The flash kernel; SDPA (warned once per shape) where no tiling fits the GPU at hand."""
     from .triton import attention as triton_attention
     from .triton._launch import is_out_of_resources
 
-    if triton_attention.check_supported(q, k, v) is not None or \
-            (q.dtype == torch.float32 and FP32_ON_CUDA == "sdpa"):
-        return _sdpa(q, k, v, key_padding_mask, scale)
     try:
         return triton_attention.attention_triton(q, k, v, key_padding_mask, scale)
     except Exception as exc:  # noqa: BLE001
@@ -88,36 +97,21 @@ def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Ten
         return _sdpa(q, k, v, key_padding_mask, scale)
 
 
-def _register_python_kernels() -> None:
-    """Kernels for the dispatch keys the C++ extension did not fill."""
-    for key, kernel in (("CPU", _sdpa), ("CUDA", _cuda_kernel)):
-        if _library.has_kernel(OP, key):
-            _compiled_keys.add(key)
-        else:
-            torch.library.impl(f"fastdiff::{OP}", key)(kernel)
+def _triton_label(backend: str) -> str:
+    if backend == "triton" or FP32_ON_CUDA != "sdpa":
+        return "Triton (flash)"
+    return "Triton (flash); PyTorch SDPA for fp32"
 
 
-_register_python_kernels()
-
-
-def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects [B, H, L, D] tensors, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"attention shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v are on {q.device}, {k.device}, {v.device}")
-    if not (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype):
-        raise ValueError(f"attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if key_padding_mask is None:
-        return None
-    if key_padding_mask.shape != (q.shape[0], k.shape[2]):
-        raise ValueError(f"key_padding_mask must be [B, Lk] = {(q.shape[0], k.shape[2])}, "
-                         f"got {tuple(key_padding_mask.shape)}")
-    if key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    return key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
+_SDPA = _dispatch.Impl("PyTorch SDPA", _dispatch.TORCH, _sdpa)
+_dispatch.register(
+    OP, lambda *args: reference.attention(*args),
+    cpu=[_dispatch.compiled("C++ (OpenMP)"), _SDPA],
+    cuda=[_dispatch.compiled("CUDA C++"),
+          _dispatch.Impl("Triton (flash)", _dispatch.TRITON, _triton, serves=_triton_serves, label=_triton_label),
+          _SDPA],
+)
+_cuda_kernel = _dispatch.python_kernel(OP, "cuda")  # the op's CUDA kernel without a compiled one
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
@@ -127,32 +121,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     Any strides are accepted (views of one fused projection need no copy on CUDA). The
     scale defaults to D ** -0.5. A query whose keys are all masked gets zeros.
     """
-    mask = _check(q, k, v, key_padding_mask)
+    mask = check_attention(q, k, v, key_padding_mask, scale)
     backend = _library.get_backend()
     if backend == "reference":
         return reference.attention(q, k, v, mask, scale)
     scale = None if scale is None else float(scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _sdpa(q, k, v, mask, scale)
-    if backend == "triton" and q.is_cuda:
-        from .triton.attention import attention_triton
-        return attention_triton(q, k, v, mask, scale)
-    return torch.ops.fastdiff.attention(q, k, v, mask, scale)
+    return _dispatch.call(OP, q.device.type, (q, k, v, mask, scale))
 
 
 def implementation(device_type: str) -> str:
     """Which implementation serves attention on `device_type` under the current backend."""
-    backend = _library.get_backend()
-    if backend == "reference":
-        return "reference"
-    if device_type == "cuda":
-        if "CUDA" in _compiled_keys and backend != "triton":
-            return "CUDA C++"
-        if not _library.triton_available():
-            return "PyTorch SDPA"
-        if backend == "triton" or FP32_ON_CUDA != "sdpa":
-            return "Triton (flash)"
-        return "Triton (flash); PyTorch SDPA for fp32"
-    if device_type == "cpu":
-        return "C++ (OpenMP)" if "CPU" in _compiled_keys else "PyTorch SDPA"
-    return "reference"
+    return _dispatch.implementation(OP, device_type)

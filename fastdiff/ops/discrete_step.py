@@ -19,7 +19,8 @@ order ([B, K, N] per step, [B, K-1, N] at t = 0), so the tokens are identical.
 Implementations (``implementation(device)`` names the one in use): C++ with OpenMP on
 CPU (csrc/discrete_step/discrete_step_cpu.cpp); on CUDA the CUDA C++ kernel
 (discrete_step_cuda.cu), else, or under the "triton" backend, the Triton kernel
-(fastdiff/ops/triton/discrete_step.py; past its MAX_CLASSES the twin serves instead).
+(fastdiff/ops/triton/discrete_step.py; past its MAX_CLASSES the next implementation in
+fastdiff/ops/_dispatch.py's table serves: the CUDA C++ kernel, else the twin).
 None of them sorts for the truncation: they select the kept prefix of the order. The
 GPU kernels do not check x_t's range (that would need a host sync): a class outside
 [0, K-1] is then treated as the twin treats it, as neither x_t's class nor the mask.
@@ -31,20 +32,17 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _library, reference
+from . import _dispatch, reference
+from ._checks import check_discrete_step
 from .reference import DS_NUM_COEFFS  # noqa: F401  (the row width, for callers)
 
 OP = "discrete_step"
-_compiled_keys = set()  # dispatch keys the C++ extension filled (not the Python fallbacks)
 
 
 @torch.library.register_fake("fastdiff::discrete_step")
 def _discrete_step_fake(x_t, cond, uncond, guidance_scale, coeffs, noise, truncation_rate,
                         write_log_probs):
-    for name, t in [("cond", cond), ("uncond", uncond), ("noise", noise), ("coeffs", coeffs),
-                    ("guidance_scale", guidance_scale)]:
-        if t is not None and t.device != x_t.device:
-            raise RuntimeError(f"discrete_step: {name} is on {t.device} but x_t is on {x_t.device}")
+    check_discrete_step(x_t, cond, uncond, guidance_scale, coeffs, noise, truncation_rate)
     B, N = x_t.shape
     K = cond.shape[1] + 1
     tokens = x_t.new_empty((B, N), dtype=torch.int64)
@@ -52,47 +50,33 @@ def _discrete_step_fake(x_t, cond, uncond, guidance_scale, coeffs, noise, trunca
     return tokens, cond.new_empty(shape, dtype=torch.float32)
 
 
-def _triton_serves(cond: Tensor) -> bool:
+def _triton_serves(backend, x_t, cond, *rest) -> bool:
+    """One Triton program holds at most MAX_CLASSES classes; past that the next one serves."""
     from .triton import discrete_step as triton_kernel
     return triton_kernel.AVAILABLE and cond.shape[1] <= triton_kernel.MAX_CLASSES
 
 
-def _cuda_fallback(*args):
-    """CUDA without the compiled kernel: Triton, else (no Triton, or more classes than one
-    Triton program holds) the twin."""
-    if _library.triton_available() and _triton_serves(args[1]):
-        from .triton.discrete_step import discrete_step_triton
-        return discrete_step_triton(*args)
+def _triton(*args):
+    from .triton import discrete_step as triton_kernel
+    return triton_kernel.discrete_step_triton(*args)
+
+
+def _twin(*args):
     return reference.discrete_step(*args)
 
 
-def _register_python_kernels() -> None:
-    """Kernels for the dispatch keys the C++ extension did not fill."""
-    if _library.has_kernel(OP, "CPU"):
-        _compiled_keys.add("CPU")
-    else:
-        torch.library.impl(f"fastdiff::{OP}", "CPU")(reference.discrete_step)
-    if _library.has_kernel(OP, "CUDA"):
-        _compiled_keys.add("CUDA")
-    else:
-        torch.library.impl(f"fastdiff::{OP}", "CUDA")(_cuda_fallback)
-
-
-_register_python_kernels()
+_dispatch.register(
+    OP, _twin,
+    cpu=[_dispatch.compiled("C++ (OpenMP)"), _dispatch.Impl("reference", _dispatch.TORCH, _twin)],
+    cuda=[_dispatch.compiled("CUDA C++"),
+          _dispatch.Impl("Triton", _dispatch.TRITON, _triton, serves=_triton_serves),
+          _dispatch.Impl("reference", _dispatch.TORCH, _twin)],
+)
 
 
 def implementation(device_type: str) -> str:
     """Which implementation serves discrete_step on `device_type` under the current backend."""
-    backend = _library.get_backend()
-    if backend == "reference":
-        return "reference"
-    if device_type == "cpu":
-        return "C++ (OpenMP)" if "CPU" in _compiled_keys else "reference"
-    if device_type == "cuda":
-        if "CUDA" in _compiled_keys and backend != "triton":
-            return "CUDA C++"
-        return "Triton" if _library.triton_available() else "reference"
-    return "reference"
+    return _dispatch.implementation(OP, device_type)
 
 
 def discrete_step(
@@ -123,12 +107,7 @@ def discrete_step(
                      rounding tail of classes below ~1e-7 there; see truncate_log_probs).
     write_log_probs: also return the float32 [B, K, N] log p(x_{t-1} | x_t) (else empty).
     """
+    check_discrete_step(x_t, cond, uncond, guidance_scale, coeffs, noise, truncation_rate)
     args = (x_t, cond, uncond, guidance_scale, coeffs, noise, float(truncation_rate),
-            write_log_probs)
-    backend = _library.get_backend()
-    if backend == "reference":
-        return reference.discrete_step(*args)
-    if backend == "triton" and x_t.is_cuda:
-        from .triton.discrete_step import discrete_step_triton
-        return discrete_step_triton(*args)
-    return torch.ops.fastdiff.discrete_step(*args)
+            bool(write_log_probs))
+    return _dispatch.call(OP, x_t.device.type, args)

@@ -11,7 +11,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _library, reference
+from . import _dispatch, reference
+from ._checks import OpTypeError, check_guided_step
 from .coeffs import output_memory_format
 
 OP = "guided_step"
@@ -20,45 +21,34 @@ OP = "guided_step"
 @torch.library.register_fake("fastdiff::guided_step")
 def _guided_step_fake(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
                       learned_variance, write_denoised):
-    for name, t in [("cond", cond), ("uncond", uncond), ("noise", noise), ("coeffs", coeffs),
-                    ("guidance_scale", guidance_scale), *[("history tensor", h) for h in history]]:
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"guided_step: {name} is on {t.device} but x is on {x.device}")
+    check_guided_step(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
+                      learned_variance)
     fmt = output_memory_format(x)
     out = torch.empty_like(x, memory_format=fmt)
     den = torch.empty_like(x, memory_format=fmt) if write_denoised else x.new_empty(0)
     return out, den
 
 
-def _register_python_kernels() -> None:
-    """Kernels for the dispatch keys the C++ extension did not fill."""
-    if not _library.has_kernel(OP, "CPU"):
-        torch.library.impl(f"fastdiff::{OP}", "CPU")(reference.guided_step)
-    if not _library.has_kernel(OP, "CUDA"):
-        def _cuda(*args):
-            if _library.triton_available():
-                from .triton.guided_step import guided_step_triton
-                return guided_step_triton(*args)
-            return reference.guided_step(*args)
-        torch.library.impl(f"fastdiff::{OP}", "CUDA")(_cuda)
+def _triton(*args):
+    from .triton.guided_step import guided_step_triton
+    return guided_step_triton(*args)
 
 
-_register_python_kernels()
+def _twin(*args):
+    return reference.guided_step(*args)
+
+
+_dispatch.register(
+    OP, _twin,
+    cpu=[_dispatch.compiled("C++ (OpenMP)"), _dispatch.Impl("reference", _dispatch.TORCH, _twin)],
+    cuda=[_dispatch.compiled("CUDA C++"), _dispatch.Impl("Triton", _dispatch.TRITON, _triton),
+          _dispatch.Impl("reference", _dispatch.TORCH, _twin)],
+)
 
 
 def implementation(device_type: str) -> str:
     """Which implementation serves guided_step on `device_type` under the current backend."""
-    backend = _library.get_backend()
-    if backend == "reference":
-        return "reference"
-    if device_type == "cpu":
-        return "C++ (OpenMP)" if _library.extension_loaded() else "reference"
-    if device_type == "cuda":
-        cuda_cpp = _library.extension_loaded() and _library.extension_has_cuda()
-        if cuda_cpp and backend != "triton":
-            return "CUDA C++"
-        return "Triton" if _library.triton_available() else "reference"
-    return "reference"
+    return _dispatch.implementation(OP, device_type)
 
 
 def guided_step(
@@ -88,12 +78,11 @@ def guided_step(
     learned_variance: cond has 2C channels; the last C give GLIDE's learned-range variance.
     write_denoised:  also return DEN_X * x + DEN_P * p + DEN_X0 * x0 (else an empty tensor).
     """
-    args = (x, cond, uncond, guidance_scale, coeffs, noise, list(history), clip_range,
-            learned_variance, write_denoised)
-    backend = _library.get_backend()
-    if backend == "reference":
-        return reference.guided_step(*args)
-    if backend == "triton" and x.is_cuda:
-        from .triton.guided_step import guided_step_triton
-        return guided_step_triton(*args)
-    return torch.ops.fastdiff.guided_step(*args)
+    if isinstance(history, Tensor) or not isinstance(history, Sequence):
+        raise OpTypeError(f"guided_step: history must be a list of tensors, got {type(history).__name__}")
+    history = list(history)
+    check_guided_step(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
+                      learned_variance)
+    args = (x, cond, uncond, guidance_scale, coeffs, noise, history,
+            None if clip_range is None else float(clip_range), bool(learned_variance), bool(write_denoised))
+    return _dispatch.call(OP, x.device.type, args)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import check_attention, check_discrete_step, check_group_norm, check_guided_step
 from .coeffs import (
     DEN_P,
     DEN_X,
@@ -19,7 +20,6 @@ from .coeffs import (
     HIST0,
     LOGVAR_MAX,
     LOGVAR_MIN,
-    NUM_FIXED,
     OUT_NOISE,
     OUT_P,
     OUT_X,
@@ -27,6 +27,22 @@ from .coeffs import (
     X0_P,
     X0_X,
     output_memory_format,
+)
+from .coeffs import (  # noqa: F401  (discrete_step's columns, re-exported as reference.DS_*)
+    DS_POSTERIOR,
+    DS_CUM_SAME,
+    DS_CUM_OTHER,
+    DS_CUM_MASK,
+    DS_PREV_A,
+    DS_PREV_B,
+    DS_PREV_C,
+    DS_STEP_SAME,
+    DS_STEP_OTHER,
+    DS_STEP_MASK,
+    DS_STEP_UNMASK,
+    DS_NUM_COEFFS,
+    DS_CLAMP_MIN,
+    DS_GUMBEL_EPS,
 )
 
 
@@ -51,11 +67,8 @@ def guided_step(
 
     See ``fastdiff.ops.guided_step`` for the contract; this is its eager twin.
     """
-    if coeffs.dim() != 2 or coeffs.shape[1] != NUM_FIXED + len(history):
-        raise ValueError(
-            f"guided_step: coeffs must have shape [1 or B, {NUM_FIXED + len(history)}], "
-            f"got {tuple(coeffs.shape)}"
-        )
+    check_guided_step(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
+                      learned_variance)
     channels = x.shape[1]
     nd = x.dim()
     k = [_per_sample(coeffs[:, j].float(), nd) for j in range(coeffs.shape[1])]
@@ -94,6 +107,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor
     key_padding_mask: [B, Lk] bool, True where a key may be attended to. A query
     whose keys are all masked gets zeros (not NaN).
     """
+    key_padding_mask = check_attention(q, k, v, key_padding_mask, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if key_padding_mask is not None:
@@ -110,6 +124,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optio
                silu: bool = False) -> Tensor:
     """GroupNorm, then optionally x * (1 + scale) + shift per sample and channel (ADM's
     use_scale_shift_norm, scale/shift [B, C]), then optionally SiLU; float32 inside."""
+    check_group_norm(x, num_groups, weight, bias, eps, scale, shift)
     y = torch.nn.functional.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
                                        None if bias is None else bias.float(), eps)
     if scale is not None or shift is not None:
@@ -124,28 +139,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optio
 
 
 # --- discrete_step: VQ-Diffusion's step over codebook tokens --------------------------------
-#
-# Columns of discrete_step's coefficient row (built on the host in float64 by
-# fastdiff.sampling.discrete; the row of timestep t). In VQ-Diffusion (Gu et al. 2022,
-# eq. 7) a token keeps its class with probability a, moves to each of the M = K-1
-# codebook classes with b, and becomes the mask class with c; the *_cum values are the
-# cumulative products 0 -> t. Each entry below is a log-probability of one row of those
-# transition matrices as diffusers' VQDiffusionScheduler builds it from log one-hot
-# vectors (a log(1e-30) floor stands in for log 0, so "other" is log(b + 1e-30 * a)).
-DS_POSTERIOR = 0      # 1: q-posterior p(x_{t-1} | x_t) (t > 0); 0: last step, sample x0 itself
-DS_CUM_SAME = 1       # log q(x_t = i | x_0 = i),  x_t not masked: log(a_cum_t + b_cum_t)
-DS_CUM_OTHER = 2      # log q(x_t = j | x_0 = i), j != i:         log(b_cum_t + 1e-30 a_cum_t)
-DS_CUM_MASK = 3       # log q(x_t = mask | x_0 = i):              log c_cum_t
-DS_PREV_A = 4         # log a_cum_{t-1}
-DS_PREV_B = 5         # log b_cum_{t-1}
-DS_PREV_C = 6         # log c_cum_{t-1}
-DS_STEP_SAME = 7      # log q(x_t = i | x_{t-1} = i):             log(a_t + b_t)
-DS_STEP_OTHER = 8     # log q(x_t = j | x_{t-1} = i), j != i:     log(b_t + 1e-30 a_t)
-DS_STEP_MASK = 9      # log q(x_t = mask | x_{t-1} = i):          log c_t
-DS_STEP_UNMASK = 10   # log q(x_t = j | x_{t-1} = mask), j not mask: log 1e-30 (the one-hot floor)
-DS_NUM_COEFFS = 11
-DS_CLAMP_MIN = -70.0  # the pipeline's clamp after truncation: removes log(0) = -inf
-DS_GUMBEL_EPS = 1e-30  # gumbel = -log(-log(u + eps) + eps), as diffusers' gumbel_noised
+# The columns of its coefficient row (DS_*) are documented in fastdiff/ops/coeffs.py.
 
 
 def truncate_log_probs(log_p: Tensor, truncation_rate: float) -> Tensor:
@@ -171,39 +165,6 @@ def truncate_log_probs(log_p: Tensor, truncation_rate: float) -> Tensor:
     return log_p.masked_fill(~keep, float("-inf"))
 
 
-def _check_discrete_args(x_t, cond, uncond, guidance_scale, coeffs, noise) -> None:
-    if x_t.dim() != 2 or x_t.dtype != torch.int64:
-        raise RuntimeError(f"discrete_step: x_t must be an int64 [B, N] tensor, got {x_t.dtype} "
-                           f"{tuple(x_t.shape)}")
-    B, N = x_t.shape
-    if cond.dim() != 3 or cond.shape[0] != B or cond.shape[2] != N or cond.shape[1] < 1:
-        raise RuntimeError(f"discrete_step: cond has shape {tuple(cond.shape)}, expected [B, K-1, N] "
-                           f"with B={B}, N={N}")
-    if cond.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError("discrete_step: cond must be float32, float16 or bfloat16")
-    K = cond.shape[1] + 1
-    if uncond is not None:
-        if uncond.shape != cond.shape:
-            raise RuntimeError(f"discrete_step: uncond has shape {tuple(uncond.shape)}, cond {tuple(cond.shape)}")
-        if uncond.dtype != cond.dtype:
-            raise RuntimeError("discrete_step: uncond dtype differs from cond's")
-        if guidance_scale is None:
-            raise RuntimeError("discrete_step: uncond given without guidance_scale")
-        if guidance_scale.dtype != torch.float32 or guidance_scale.numel() not in (1, B):
-            raise RuntimeError(f"discrete_step: guidance_scale must have 1 or B={B} float32 values")
-    if coeffs.dtype != torch.float32:
-        raise RuntimeError("discrete_step: coeffs must be float32")
-    if coeffs.dim() != 2 or coeffs.shape[1] != DS_NUM_COEFFS or coeffs.shape[0] not in (1, B):
-        raise RuntimeError(f"discrete_step: coeffs must have shape [1 or B, {DS_NUM_COEFFS}], "
-                           f"got {tuple(coeffs.shape)}")
-    if noise is not None:
-        if noise.shape != (B, K, N):
-            raise RuntimeError(f"discrete_step: noise has shape {tuple(noise.shape)}, expected "
-                               f"[B, K, N] = {(B, K, N)}")
-        if noise.dtype != torch.float32:
-            raise RuntimeError("discrete_step: noise must be float32 (uniform in [0, 1))")
-
-
 def discrete_step(
     x_t: Tensor,
     cond: Tensor,
@@ -216,7 +177,7 @@ def discrete_step(
 ) -> Tuple[Tensor, Tensor]:
     """One VQ-Diffusion step: log-space CFG, renormalise, truncate, clamp, q-posterior,
     Gumbel-max sample. See ``fastdiff.ops.discrete_step`` for the contract."""
-    _check_discrete_args(x_t, cond, uncond, guidance_scale, coeffs, noise)
+    check_discrete_step(x_t, cond, uncond, guidance_scale, coeffs, noise, truncation_rate)
     num_codes = cond.shape[1]                   # M = K - 1; class M is the mask
     log_p = cond.float()
     if uncond is not None:

@@ -10,7 +10,7 @@ Every wrapper ends in ``launch(kernel, grid, device, *args, **meta)`` instead of
   pipelining: ``num_stages`` is set to 1 here, in one place, and nowhere else.
 - ``recording()`` makes launches be recorded instead of run. With meta tensors as operands
   a wrapper then computes nothing, allocates nothing, and still says exactly which kernel,
-  specialisation and launch options it would use; fastdiff/ops/triton/resources.py compiles
+  specialisation and launch options it would use; fastdiff/tools/triton_resources.py compiles
   those records ahead of time for a GPU (sm_90) and checks them against its limits.
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._checks import check_attention
 from ._launch import interpreting, is_out_of_resources, launch
 
 try:
@@ -69,7 +70,7 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 # Register budget of a 16-bit tile (see launch_config), in values per program: BLOCK_M x
-# (width + BLOCK_N). Read off ptxas for sm_90 (python -m fastdiff.ops.triton.resources, every
+# (width + BLOCK_N). Read off ptxas for sm_90 (python -m fastdiff.tools.triton_resources, every
 # family shape and tile): below 128 x 120 four warps hold a tile without spilling (64 x 256,
 # d = 128 against a 128-key tile, spills), up to 128 x 208 eight warps do. Query tiles of 32
 # rows spill at wide heads whatever the warps (Triton lays the warps along the keys then), so
@@ -117,7 +118,7 @@ def launch_config(lq: int, lk: int, d0: int, d1: int, dtype: torch.dtype = torch
     maybe with padded lanes; d defaults to d0 + d1).
 
     Chosen to fit sm_80/sm_90 (shared memory, and no register spills for 16-bit tiles);
-    fastdiff/ops/triton/resources.py compiles every choice for the shapes of the three
+    fastdiff/tools/triton_resources.py compiles every choice for the shapes of the three
     model families ahead of time and the suite holds them to sm_90's limits. Not yet
     tuned for speed on a GPU (benchmarks/RESULTS.md).
 
@@ -152,7 +153,7 @@ def tune_candidates(lq: int, lk: int, d0: int, d1: int, dtype: torch.dtype = tor
     """The configs tune() times for a problem: the heuristic's first, then its tiles halved
     or doubled within the same bounds (_max_tiles, 64-row minimum for 16-bit, the
     eight-warp register budget), with the warps the rule gives and, where it gives 4,
-    with 8 as well. resources.py compiles every one of them for sm_90."""
+    with 8 as well. fastdiff.tools.triton_resources compiles every one of them for sm_90."""
     d = d0 + d1 if d is None else d
     base = launch_config(lq, lk, d0, d1, dtype, d)
     block_m, block_n = base[:2]
@@ -385,14 +386,15 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional
 
     ``out``: an optional [B, H, Lq, D] tensor of q's dtype (any strides) to write into;
     by default a new one is made with [B, Lq, H, D] memory. ``config``: (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) instead of the tuned or heuristic one. Shapes are checked by
-    ``fastdiff.ops.attention``; this function assumes them.
+    num_warps, num_stages) instead of the tuned or heuristic one. The arguments are checked
+    as ``fastdiff.ops.attention`` checks them (fastdiff/ops/_checks.py).
 
     A launch the GPU refuses for resources (a config too large for this GPU's shared
     memory or registers) is retried with smaller tiles (``fallback_configs``), with one
     warning per shape, and the config that ran is remembered for the shape; with
     ``fallback=False`` (tuning) the error propagates.
     """
+    key_padding_mask = check_attention(q, k, v, key_padding_mask, scale)
     reason = check_supported(q, k, v)
     if reason is not None:
         raise RuntimeError(f"attention_triton: unsupported operands: {reason}")

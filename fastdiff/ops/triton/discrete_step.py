@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as R
+from .._checks import check_discrete_step
 from ._launch import interpreting, launch
 
 try:
@@ -244,12 +245,6 @@ if AVAILABLE:
             tl.store(base + M * N + n, out_mask, mask=tok_ok)
 
 
-def _check_devices(x_t, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != x_t.device:
-            raise RuntimeError(f"discrete_step: {name} is on {t.device} but x_t is on {x_t.device}")
-
-
 def _tile(num_codes: int, num_tokens: int) -> Tuple[int, int, int]:
     """(BLOCK_K, BLOCK_N, num_warps) for M codebook classes and N tokens."""
     block_k = max(16, triton.next_power_of_2(num_codes))
@@ -275,9 +270,7 @@ def discrete_step_triton(
             "discrete_step_triton: Triton is not installed; install fastdiff[triton] "
             "or use another backend"
         )
-    R._check_discrete_args(x_t, cond, uncond, guidance_scale, coeffs, noise)
-    _check_devices(x_t, cond=cond, uncond=uncond, guidance_scale=guidance_scale, coeffs=coeffs,
-                   noise=noise)
+    check_discrete_step(x_t, cond, uncond, guidance_scale, coeffs, noise, truncation_rate)
     B, N = x_t.shape
     M = cond.shape[1]
     K = M + 1

@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._checks import check_group_norm
+from .._layout import group_norm_output, is_channels_last
 from ._launch import launch
 
 try:
@@ -241,13 +243,11 @@ def group_norm_triton(x: Tensor, num_groups: int, weight: Optional[Tensor], bias
         raise RuntimeError(
             "group_norm_triton: Triton is not installed; install fastdiff[triton] or use another backend"
         )
-    from ..group_norm import _check_args, _is_channels_last, _output_like
-
-    _check_args(x, num_groups, weight, bias, scale, shift)
-    out = _output_like(x)
+    check_group_norm(x, num_groups, weight, bias, eps, scale, shift)
+    out = group_norm_output(x)
     if out.numel() == 0:
         return out
-    channels_last = not x.is_contiguous() and _is_channels_last(x)
+    channels_last = not x.is_contiguous() and is_channels_last(x)
     if not channels_last:
         x = x.contiguous()
     B, C = x.shape[0], x.shape[1]

@@ -24,7 +24,6 @@ from ..coeffs import (
     LOGVAR_MAX,
     LOGVAR_MIN,
     MAX_HISTORY,
-    NUM_FIXED,
     OUT_NOISE,
     OUT_P,
     OUT_X,
@@ -34,6 +33,7 @@ from ..coeffs import (
     output_memory_format,
 )
 
+from .._checks import check_guided_step
 from ._launch import launch
 
 try:
@@ -53,7 +53,6 @@ _NUM_WARPS = 4
 _MAX_GRID_Y = 65535
 # In-sample offsets are 32-bit (cheaper address math); the batch offset is 64-bit.
 _MAX_INNER = 2**31 - 1 - _BLOCK
-_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 if AVAILABLE:
@@ -134,82 +133,6 @@ if AVAILABLE:
             tl.store(den_ptr + sample * inner + offs, den.to(den_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"guided_step: {name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _check_like(t, x: Tensor, name: str, channels: int) -> None:
-    """t must match x in device, dtype and shape, except for having `channels` channels."""
-    _check_tensor(t, name)
-    if t.device != x.device:
-        raise ValueError(f"guided_step: {name} is on {t.device} but x is on {x.device}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"guided_step: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
-    expected = (x.shape[0], channels, *x.shape[2:])
-    if tuple(t.shape) != expected:
-        raise ValueError(
-            f"guided_step: {name} has shape {tuple(t.shape)}, expected {expected} "
-            f"to match x of shape {tuple(x.shape)}"
-        )
-
-
-def _check_float32_on(t, x: Tensor, name: str) -> None:
-    _check_tensor(t, name)
-    if t.device != x.device:
-        raise ValueError(f"guided_step: {name} is on {t.device} but x is on {x.device}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"guided_step: {name} must be float32, got {t.dtype}")
-
-
-def _check_arguments(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
-                     learned_variance) -> None:
-    _check_tensor(x, "x")
-    if x.dim() < 2:
-        raise ValueError(f"guided_step: x must be [B, C, ...], got shape {tuple(x.shape)}")
-    if x.dtype not in _STORAGE_DTYPES:
-        raise TypeError(f"guided_step: x must be float32, float16 or bfloat16, got {x.dtype}")
-    batch, channels = x.shape[0], x.shape[1]
-    _check_tensor(cond, "cond")
-    # A learned-variance model outputs 2C channels; samplers ignoring the variance read the first C.
-    if learned_variance and (cond.dim() < 2 or cond.shape[1] != 2 * channels):
-        raise ValueError(
-            f"guided_step: learned_variance needs cond with 2 * C = {2 * channels} channels "
-            f"(prediction, then variance), got shape {tuple(cond.shape)}"
-        )
-    wide = cond.dim() >= 2 and cond.shape[1] == 2 * channels
-    _check_like(cond, x, "cond", 2 * channels if wide else channels)
-    if uncond is not None:
-        _check_like(uncond, x, "uncond", cond.shape[1])
-        if guidance_scale is None:
-            raise ValueError("guided_step: uncond given without guidance_scale")
-    if noise is not None:
-        _check_like(noise, x, "noise", channels)
-    if len(history) > MAX_HISTORY:
-        raise ValueError(
-            f"guided_step: at most {MAX_HISTORY} history tensors, got {len(history)}"
-        )
-    for h in history:
-        _check_like(h, x, "history tensor", channels)
-
-    _check_float32_on(coeffs, x, "coeffs")
-    width = NUM_FIXED + len(history)
-    if coeffs.dim() != 2 or coeffs.shape[0] not in (1, batch) or coeffs.shape[1] != width:
-        raise ValueError(
-            f"guided_step: coeffs must have shape [1 or {batch}, {width}] for "
-            f"{len(history)} history tensors, got {tuple(coeffs.shape)}"
-        )
-    if guidance_scale is not None:
-        _check_float32_on(guidance_scale, x, "guidance_scale")
-        if guidance_scale.dim() > 1 or guidance_scale.numel() not in (1, batch):
-            raise ValueError(
-                f"guided_step: guidance_scale must have 1 or {batch} elements, "
-                f"got shape {tuple(guidance_scale.shape)}"
-            )
-    if clip_range is not None and not clip_range > 0:
-        raise ValueError(f"guided_step: clip_range must be positive, got {clip_range}")
-
-
 def _same_inner_layout(t: Tensor, ref: Tensor) -> bool:
     return all(ref.shape[d] <= 1 or t.stride(d) == ref.stride(d) for d in range(1, ref.dim()))
 
@@ -241,9 +164,8 @@ def guided_step_triton(
             "guided_step_triton: Triton is not installed; install fastdiff[triton] "
             "or use another backend"
         )
-    history = tuple(history)
-    _check_arguments(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
-                     learned_variance)
+    check_guided_step(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
+                      learned_variance)
 
     batch, channels = x.shape[0], x.shape[1]
     fmt = output_memory_format(x)
