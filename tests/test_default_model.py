@@ -33,6 +33,31 @@ def test_cli_generate_uses_the_default_model(tmp_path):
     assert out.stat().st_size > 0
 
 
+def test_default_model_says_its_own_best_defaults():
+    """model_index.json's _fastdiff_defaults: guidance 3 over 20 DPM-Solver++ steps (README,
+    *Evaluation*), what fastdiff's trainer writes into every folder it exports."""
+    import json
+
+    from fastdiff.train.export import SAMPLING_DEFAULTS
+
+    with open(os.path.join(DEFAULT_MODEL, "model_index.json")) as fh:
+        assert json.load(fh)["_fastdiff_defaults"] == SAMPLING_DEFAULTS
+    defaults = fastdiff.Pipeline().defaults
+    assert (defaults["guidance_scale"], defaults["num_inference_steps"], defaults["sampler"]) == (3.0, 20, "dpmpp_2m")
+
+
+def test_cli_and_api_share_the_defaults(tmp_path):
+    """`fastdiff generate` without --steps/--guidance/--sampler draws what generate() draws."""
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle above a blue square", "--seed", "0", "-o", str(out), "--no-progress"]) == 0
+    api = fastdiff.Pipeline().generate("a red circle above a blue square", seed=0, progress=False)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(api))
+
+
 def test_default_model_draws_held_out_captions_right():
     """The README's evaluation in small: the packaged judge reads 20 held-out captions' images back."""
     from fastdiff.eval.attributes import evaluate

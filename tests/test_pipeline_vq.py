@@ -17,12 +17,12 @@ import fastdiff
 from fastdiff.pipelines import VQDiffusionPipeline
 from fastdiff.ops import discrete_step
 from fastdiff.sampling.discrete import discrete_step_rows
+from deps import require
 
 diffusers = require("diffusers")
 from test_discrete_step import logp_tolerance  # noqa: E402
 from tolerances import fp32_bound, guidance_gain, reduction_terms  # noqa: E402
 from vq_pipeline_fixtures import load_diffusers_pipeline, make_vq_components  # noqa: E402
-from deps import require
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -94,6 +94,12 @@ def test_one_step_log_probs_match(folders, t):
     # the transformer's differences, through the log-space guidance, then the step's own
     tol = guidance_gain(scale) * model_tol + logp_tolerance(K)
     torch.testing.assert_close(post[finite], ref_post[finite], atol=tol, rtol=0)
+    # and a real error is outside that bound: the same step with 1% less guidance
+    _, off = discrete_step(x, mine[2:], mine[:2], torch.tensor([scale * 0.99]), coeffs=rows[0], truncation_rate=rate,
+                           write_log_probs=True)
+    off = off[:, :-1] if t == 0 else off
+    both = finite & torch.isfinite(off)
+    assert (off[both] - ref_post[both]).abs().max() > tol
 
 
 def _run_both(ours, theirs, *, steps, scale, rate, per_prompt=1, seed=0):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -33,13 +34,16 @@ from ..guidance import ClassifierFreeGuidance
 from ..models.adm_unet import Text2ImUNet
 from ..sampling import SAMPLERS, SchedulerConfig, run_plan, sample
 from ..sampling.graphs import GraphCache
+from ..sampling.noise import randn
 from ..sampling.respaced import RespacedSchedule, named_betas, respaced_ddim_plan, respaced_ddpm_plan
-from ..sampling.schedules import SAMPLER_CLASS
-from .base import Pipeline, check_prompts, make_generator, to_output
+from . import arguments as A
+from .base import Pipeline, register_pipeline, to_output
+from .images import image_tensor, open_image
 
-RESPACED_SAMPLERS = ("ddpm", "ddim")
-# The other engine samplers run on GLIDE's training betas through a diffusers-style config.
-CONFIG_SAMPLERS = tuple(s for s in SAMPLERS if s not in RESPACED_SAMPLERS)
+# ddpm and ddim run on GLIDE's own respaced schedules (the registry's `respaced`); the other
+# engine samplers on GLIDE's training betas through a diffusers-style config.
+RESPACED_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if spec.respaced)
+CONFIG_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if not spec.respaced)
 
 
 class _GlideDraws:
@@ -53,9 +57,7 @@ class _GlideDraws:
     def draw(self, shape: Sequence[int]) -> Tensor:
         n = shape[0]
         full = (self.drawn_batch,) + tuple(shape[1:])
-        device = self.generator.device if self.generator is not None else self.device
-        z = torch.randn(full, generator=self.generator, device=device, dtype=self.dtype)
-        return z[:n].to(self.device)
+        return randn(full, generator=self.generator, device=self.device, dtype=self.dtype)[:n]
 
     def __call__(self, step: int, like: Tensor) -> Tensor:
         while self.next_step < step:  # a step that added no noise still drew it
@@ -71,27 +73,16 @@ class _GlideDraws:
 
 
 def _as_image_tensor(image, size: int, device) -> Tensor:
-    """PIL / numpy [H, W, 3] (0-255 or 0-1) / tensor [B, 3, H, W] in [0, 1] -> [B, 3, size, size] in [-1, 1],
-    resized bicubically (PIL's BICUBIC for PIL input, as the glide notebooks read images)."""
+    """An input image (see fastdiff/pipelines/images.py; a path opens as PIL) -> [B, 3, size, size] in
+    [-1, 1], resized bicubically (PIL's BICUBIC for PIL input, as the glide notebooks read images)."""
     from PIL import Image
 
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
     if isinstance(image, Image.Image):
         resized = image.convert("RGB").resize((size, size), resample=Image.BICUBIC)
         return torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
-    if isinstance(image, np.ndarray):
-        a = image.astype(np.float32)
-        if a.ndim != 3 or a.shape[-1] != 3:
-            raise ValueError(f"image array must be [H, W, 3], got shape {a.shape}")
-        t = torch.from_numpy(a / 255.0 if a.max() > 1.0 else a).permute(2, 0, 1)[None]
-    elif isinstance(image, Tensor):
-        t = image[None] if image.dim() == 3 else image
-        if t.dim() != 4 or t.shape[1] != 3:
-            raise ValueError(f"image tensor must be [3, H, W] or [B, 3, H, W] in [0, 1], got shape {tuple(image.shape)}")
-        t = t.float()
-    else:
-        raise TypeError(f"image must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
-    if not torch.isfinite(t).all():
-        raise ValueError("image contains NaN or infinite values")
+    t = image_tensor(image)
     if t.shape[-2:] != (size, size):
         t = F.interpolate(t, (size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     return t.to(device) * 2 - 1
@@ -119,8 +110,20 @@ def _as_mask(mask, image_hw: Tuple[int, int], base_size: int, device) -> Tensor:
     return m.to(device)
 
 
+def _nearest_timestep(t: Tensor) -> Tensor:
+    """Integer timesteps for a timestep-indexed model (GLIDE's noised CLIP); the respaced
+    samplers' integer timesteps pass unchanged."""
+    return t.round().long() if t.is_floating_point() else t.long()
+
+
+@register_pipeline("GlidePipeline")
 class GlidePipeline(Pipeline):
     """GLIDE base (+ upsampler) (+ noised CLIP); see the module docstring."""
+
+    components = ("base", "upsampler", "clip")
+    # The noised CLIP stays float32: its guidance gradient is taken on float32 images.
+    float32_components = ("clip",)
+    reads_folders = False  # glide-text2im ships .pt checkpoints: from_glide
 
     def __init__(self, base: Text2ImUNet, tokenizer, upsampler: Optional[Text2ImUNet] = None, clip=None):
         if upsampler is not None and upsampler.inpaint != base.inpaint:
@@ -172,17 +175,10 @@ class GlidePipeline(Pipeline):
             clip = load_noised_clip(clip, device=device or "cpu")
         return cls(base_model, tokenizer, up_model, clip)
 
-    def to(self, device=None, dtype=None) -> "GlidePipeline":
-        for model in (self.base, self.upsampler):
-            if model is not None:
-                model.to(device=device, dtype=dtype)
-        if self.clip is not None:
-            self.clip.to(device=device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.base.parameters()).device
+    @classmethod
+    def load_components(cls, path, *, device=None, dtype=None) -> dict:
+        raise ValueError(f"{path}: GLIDE has no diffusers folder; load glide-text2im checkpoints with "
+                         f"fastdiff.Pipeline.from_glide(base.pt, upsample.pt, tokenizer=...)")
 
     # ------------------------------------------------------------------ pieces
 
@@ -199,37 +195,111 @@ class GlidePipeline(Pipeline):
         o = model.options
         return RespacedSchedule.named(o["noise_schedule"], int(o["diffusion_steps"]), steps)
 
-    def _run_stage(self, model: Text2ImUNet, denoiser, x: Tensor, sampler: str, steps, *, eta: float,
-                   clip_denoised: bool, draws: _GlideDraws, cond_fn, callback, progress: bool, stage: str,
-                   denoised_fn=None, cuda_graph: bool = False):
+    def _stage_plan(self, model: Text2ImUNet, sampler: str, steps, *, eta: float, clip_denoised: bool,
+                    stage: str):
+        """What a stage runs, built (and so checked) before any work: a respaced Plan for ddpm and
+        ddim, else (the sampler's config on GLIDE's training betas, the step count)."""
+        o = model.options
+        if sampler in RESPACED_SAMPLERS:
+            if isinstance(steps, bool) or not isinstance(steps, (str, int)):
+                raise TypeError(f"{stage} steps must be a GLIDE respacing string or an integer, got {steps!r}")
+            schedule = self._schedule(model, steps)
+            plan = (respaced_ddpm_plan(schedule, learned_variance=True, clip_denoised=clip_denoised)
+                    if sampler == "ddpm" else respaced_ddim_plan(schedule, eta, clip_denoised))
+            plan.name = f"{stage} ({sampler})"
+            return plan
+        if isinstance(steps, str):
+            if not steps.strip().isdigit():
+                raise ValueError(f"sampler {sampler!r} takes a step count, not the respacing {steps!r} "
+                                 f"(respacings are for ddpm and ddim)")
+            steps = int(steps)
+        config = SchedulerConfig.from_dict(dict(
+            _class_name=SAMPLERS[sampler].diffusers_class, num_train_timesteps=int(o["diffusion_steps"]),
+            prediction_type="epsilon", clip_sample=clip_denoised, use_karras_sigmas=sampler.endswith("karras"),
+            trained_betas=named_betas(o["noise_schedule"], int(o["diffusion_steps"])).tolist()))
+        return config, A.check_steps(sampler, config, steps)
+
+    def _run_stage(self, model: Text2ImUNet, denoiser, x: Tensor, sampler: str, plan, *, draws: _GlideDraws,
+                   cond_fn, callback, progress: bool, stage: str, denoised_fn=None, cuda_graph: bool = False):
         graphs = self.graph_cache.scope(stage, model) if cuda_graph else False
         stage_callback = None
         if callback is not None:
             def stage_callback(info):
                 callback(dataclasses.replace(info, stage=stage))
         if sampler in RESPACED_SAMPLERS:
-            schedule = self._schedule(model, steps)
-            plan = (respaced_ddpm_plan(schedule, learned_variance=True, clip_denoised=clip_denoised)
-                    if sampler == "ddpm" else respaced_ddim_plan(schedule, eta, clip_denoised))
-            plan.name = f"{stage} ({sampler})"
             out = run_plan(denoiser, x, plan, noise=draws, callback=stage_callback, progress=progress,
                            cond_fn=cond_fn, denoised_fn=denoised_fn, cuda_graph=graphs)
             draws.finish(len(plan.steps), x.shape)
             return out
-        if cond_fn is not None:
-            raise ValueError(f"CLIP / classifier guidance needs the ddpm or ddim sampler, not {sampler!r}")
-        if denoised_fn is not None:
-            raise ValueError(f"inpainting needs the ddpm or ddim sampler, not {sampler!r}")
-        o = model.options
-        config = SchedulerConfig.from_dict(dict(
-            _class_name=SAMPLER_CLASS[sampler], num_train_timesteps=int(o["diffusion_steps"]),
-            prediction_type="epsilon", clip_sample=clip_denoised, use_karras_sigmas=sampler.endswith("karras"),
-            trained_betas=named_betas(o["noise_schedule"], int(o["diffusion_steps"])).tolist()))
-        if isinstance(steps, str) and not steps.strip().isdigit():
-            raise ValueError(f"sampler {sampler!r} takes a step count, not the respacing {steps!r} "
-                             f"(respacings are for ddpm and ddim)")
-        return sample(sampler, denoiser, x, config, int(steps), generator=draws.generator, progress=progress,
-                      callback=stage_callback, cuda_graph=graphs)
+        config, steps = plan
+        extra = {} if cond_fn is None else dict(cond_fn=cond_fn)
+        return sample(sampler, denoiser, x, config, steps, generator=draws.generator, progress=progress,
+                      callback=stage_callback, cuda_graph=graphs, **extra)
+
+    # ------------------------------------------------------------------ arguments
+
+    def family_defaults(self) -> dict:
+        """glide-text2im's notebooks: guidance 3, learned-range DDPM on "100" for the base, DDIM
+        on "fast27" from noise * 0.997 for the upsampler (DDPM for the inpainting one)."""
+        return dict(guidance_scale=3.0, num_inference_steps="100", sampler="ddpm", upsample_steps="fast27",
+                    upsample_sampler="ddpm" if self.inpaint else "ddim", upsample_temp=0.997, eta=0.0)
+
+    def check_family(self, a: types.SimpleNamespace) -> None:
+        if a.negative_prompt is not None:
+            raise ValueError("GLIDE takes no negative_prompt: its unconditional half is the empty text, as in "
+                             "glide-text2im")
+        for name in ("sampler", "upsample_sampler"):
+            A.check_sampler(name, getattr(a, name))
+        a.upsample_temp = A.check_real("upsample_temp", a.upsample_temp)
+        a.eta = A.check_real("eta", a.eta, low=0.0)
+        if a.clip_guidance_scale is not None:
+            a.clip_guidance_scale = A.check_real("clip_guidance_scale", a.clip_guidance_scale)
+            if self.clip is None:
+                raise ValueError("clip_guidance_scale needs a noised CLIP: load one with from_glide(..., clip=folder)")
+        A.check_callback("cond_fn", a.cond_fn)
+        guided_by_gradient = a.clip_guidance_scale is not None or a.cond_fn is not None
+        if guided_by_gradient and not A.check_sampler("sampler", a.sampler).classifier_guidance:
+            raise ValueError(f"CLIP / classifier guidance has no rule for sampler {a.sampler!r}; use one whose "
+                             f"registry entry has classifier_guidance (e.g. ddpm, ddim)")
+        a.upsampling = bool(a.upsample) and self.upsampler is not None
+        if self.inpaint:
+            if a.image is None or a.mask is None:
+                raise ValueError("this is an inpainting pipeline: give image= and mask= (mask 1 = keep, 0 = generate)")
+            for name, sampler in (("sampler", a.sampler), ("upsample_sampler", a.upsample_sampler)):
+                if sampler not in RESPACED_SAMPLERS and (name == "sampler" or a.upsampling):
+                    raise ValueError(f"inpainting needs the ddpm or ddim sampler, not {name}={sampler!r}")
+        elif a.image is not None or a.mask is not None:
+            raise ValueError("image/mask are for inpainting checkpoints; load base_inpaint.pt with inpaint=True")
+        size = self.upsampler.image_size if a.upsampling else self.base.image_size
+        A.check_fixed_size("height", a.height, size, "this GLIDE pipeline (base, then upsampler if upsample=True)")
+        A.check_fixed_size("width", a.width, size, "this GLIDE pipeline (base, then upsampler if upsample=True)")
+        a.n = len(a.prompts) * a.num_images_per_prompt
+        # As glide-text2im's notebooks: the guided batch runs for any scale but 1 (a scale below
+        # 1 is weaker guidance, not none), where SD and VQ-Diffusion guide only above 1.
+        a.guided = a.guidance_scale != 1.0
+        a.base_plan = self._stage_plan(self.base, a.sampler, a.num_inference_steps, eta=a.eta,
+                                       clip_denoised=a.clip_denoised, stage="base")
+        if a.upsampling:
+            a.upsample_plan = self._stage_plan(self.upsampler, a.upsample_sampler, a.upsample_steps, eta=a.eta,
+                                               clip_denoised=a.clip_denoised, stage="upsampler")
+        if a.latents is not None:
+            A.check_latents(a.latents, (a.n, 3, self.base.image_size, self.base.image_size))
+        if self.inpaint:
+            self._inpaint_inputs(a)
+        ddim_stages = [a.sampler] + ([a.upsample_sampler] if a.upsampling else [])
+        if "eta" in a.given and a.eta and "ddim" not in ddim_stages:
+            A.warn_no_effect("eta", f"it is DDIM's, and no stage runs ddim (sampler {a.sampler!r}"
+                                    f"{f', upsample_sampler {a.upsample_sampler!r}' if a.upsampling else ''})")
+
+    def _inpaint_inputs(self, a: types.SimpleNamespace) -> None:
+        """The image and mask at the base size (and the image at the upsampler's), read once."""
+        image = open_image(a.image) if isinstance(a.image, (str, os.PathLike)) else a.image
+        size = self.base.image_size
+        image_base = self._batch(_as_image_tensor(image, size, self.device), a.n, "image")
+        mask_base = self._batch(_as_mask(a.mask, self._image_hw(image), size, self.device), a.n, "mask")
+        a.inputs = dict(inpaint_image=image_base * mask_base, inpaint_mask=mask_base)
+        if a.upsampling:
+            a.image_up = self._batch(_as_image_tensor(image, self.upsampler.image_size, self.device), a.n, "image")
 
     # ------------------------------------------------------------------ generation
 
@@ -237,31 +307,40 @@ class GlidePipeline(Pipeline):
     def generate(
         self,
         prompt: Union[str, Sequence[str]],
-        guidance_scale: float = 3.0,
-        num_inference_steps: Union[str, int] = "100",
-        upsample: bool = True,
-        upsample_steps: Union[str, int] = "fast27",
-        upsample_temp: float = 0.997,
-        sampler: str = "ddpm",
-        upsample_sampler: Optional[str] = None,
-        eta: float = 0.0,
-        num_images_per_prompt: int = 1,
+        *,
+        num_inference_steps: Optional[Union[str, int]] = None,
+        guidance_scale: Optional[float] = None,
+        negative_prompt=None,
+        sampler: Optional[str] = None,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        num_images_per_prompt: int = 1,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Optional[Callable] = None,
+        eta: Optional[float] = None,
+        upsample: bool = True,
+        upsample_steps: Optional[Union[str, int]] = None,
+        upsample_temp: Optional[float] = None,
+        upsample_sampler: Optional[str] = None,
         latents: Optional[Tensor] = None,
         image=None,
         mask=None,
         clip_guidance_scale: Optional[float] = None,
         cond_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         clip_denoised: bool = True,
-        output_type: str = "pil",
-        progress: bool = True,
-        callback: Optional[Callable] = None,
         cuda_graph: bool = False,
     ):
         """Images for `prompt`: 64 px from the base model, 256 px when an upsampler is loaded
-        and upsample=True.
+        and upsample=True. Every argument after `prompt` is a keyword; None means
+        ``self.defaults`` (the notebooks' settings); all are checked before any work.
 
+        guidance_scale: as glide-text2im's notebooks, the guided batch (conditional first)
+            runs for any scale but 1; SD and VQ-Diffusion guide only above 1.
+        negative_prompt: not GLIDE's (refused); height / width: None or the output size.
+        eta: DDIM's noise, for the stages that run ddim (a warning when none does).
         cuda_graph=True replays each step from a captured CUDA graph (same images; not with
         CLIP/classifier guidance or inpainting, which run user code inside the step). The
         graphs stay in ``self.graph_cache`` for later calls with the same shapes.
@@ -269,70 +348,48 @@ class GlidePipeline(Pipeline):
         num_inference_steps / upsample_steps: a GLIDE respacing ("100", "fast27", "ddim50",
         "10,10,3,2,2") for the ddpm and ddim samplers, a step count for the others. image +
         mask (inpainting models): mask 1 keeps the image, 0 is generated (GLIDE's
-        convention). clip_guidance_scale: CLIP guidance with the loaded noised CLIP;
-        cond_fn(x, t) -> gradient: any classifier's guidance (t: original timesteps).
+        convention); the image may be any input fastdiff/pipelines/images.py reads.
+        clip_guidance_scale: CLIP guidance with the loaded noised CLIP; cond_fn(x, t) ->
+        gradient: any classifier's guidance (t: original timesteps; for the sigma samplers,
+        the model's fractional timesteps, which the noised CLIP rounds to the nearest). Both
+        work with every sampler: as a shift of the posterior mean for ddpm, of the score for
+        the others (glide-text2im's condition_mean / condition_score).
         """
-        prompts = check_prompts(prompt)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        for name, value in (("guidance_scale", guidance_scale), ("upsample_temp", upsample_temp), ("eta", eta)):
-            if not np.isfinite(float(value)):
-                raise ValueError(f"{name} must be finite, got {value}")
-        valid = RESPACED_SAMPLERS + CONFIG_SAMPLERS
-        up_sampler = upsample_sampler or ("ddpm" if self.inpaint else "ddim")
-        for name, value in (("sampler", sampler), ("upsample_sampler", up_sampler)):
-            if value not in valid:
-                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-        if clip_guidance_scale is not None and self.clip is None:
-            raise ValueError("clip_guidance_scale needs a noised CLIP: load one with from_glide(..., clip=folder)")
-        if self.inpaint and (image is None or mask is None):
-            raise ValueError("this is an inpainting pipeline: give image= and mask= (mask 1 = keep, 0 = generate)")
-        if not self.inpaint and (image is not None or mask is not None):
-            raise ValueError("image/mask are for inpainting checkpoints; load base_inpaint.pt with inpaint=True")
-        generator = make_generator(seed, generator)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        n, size, device = len(prompts), self.base.image_size, self.device
-        guided = float(guidance_scale) != 1.0
+        a = self.check_arguments(locals())
+        prompts = [p for p in a.prompts for _ in range(a.num_images_per_prompt)]
+        n, size, device, guided = a.n, self.base.image_size, self.device, a.guided
 
         # --- base stage
-        inputs = {}
-        if self.inpaint:
-            image_base = _as_image_tensor(image, size, device)
-            mask_base = _as_mask(mask, self._image_hw(image), size, device)
-            image_base, mask_base = self._batch(image_base, n, "image"), self._batch(mask_base, n, "mask")
-            inputs = dict(inpaint_image=image_base * mask_base, inpaint_mask=mask_base)
+        inputs = a.inputs if self.inpaint else {}
         cond_text, uncond_text = self._text(self.base, prompts, guided)
         paste = self._paste(inputs) if self.inpaint else None
-        denoiser = self._denoiser(self.base, cond_text, uncond_text, inputs, guidance_scale)
-        draws = _GlideDraws(generator, 2 * n if guided else n, device)
+        denoiser = self._denoiser(self.base, cond_text, uncond_text, inputs, a.guidance_scale)
+        draws = _GlideDraws(a.generator, 2 * n if guided else n, device)
         x = self._start(latents, draws, (n, 3, size, size))
-        guidance_fn = self._guidance_fn(prompts, clip_guidance_scale, cond_fn)
-        x = self._run_stage(self.base, denoiser, x, sampler, num_inference_steps, eta=eta,
-                            clip_denoised=clip_denoised, draws=draws, cond_fn=guidance_fn, callback=callback,
-                            progress=progress, stage="base", denoised_fn=paste, cuda_graph=cuda_graph)
+        guidance_fn = self._guidance_fn(prompts, a.clip_guidance_scale, cond_fn)
+        x = self._run_stage(self.base, denoiser, x, a.sampler, a.base_plan, draws=draws, cond_fn=guidance_fn,
+                            callback=callback, progress=progress, stage="base", denoised_fn=paste,
+                            cuda_graph=cuda_graph)
 
         # --- upsampler stage
-        if upsample and self.upsampler is not None:
+        if a.upsampling:
             up = self.upsampler
             up_size = up.image_size
             low_res = ((x + 1) * 127.5).round() / 127.5 - 1  # the 8-bit image the notebooks pass on
             up_inputs = dict(low_res=low_res)
             if self.inpaint:
-                image_up = self._batch(_as_image_tensor(image, up_size, device), n, "image")
                 mask_up = F.interpolate(inputs["inpaint_mask"], (up_size, up_size), mode="nearest")
-                up_inputs.update(inpaint_image=image_up * mask_up, inpaint_mask=mask_up)
+                up_inputs.update(inpaint_image=a.image_up * mask_up, inpaint_mask=mask_up)
             up_text, _ = self._text(up, prompts, guided=False)
             up_paste = self._paste(up_inputs) if self.inpaint else None
             up_denoiser = self._denoiser(up, up_text, None, up_inputs, 1.0)
-            up_draws = _GlideDraws(generator, n, device)
-            x = up_draws.draw((n, 3, up_size, up_size)) * float(upsample_temp)
-            x = self._run_stage(up, up_denoiser, x, up_sampler, upsample_steps, eta=eta, clip_denoised=clip_denoised,
-                                draws=up_draws, cond_fn=None, callback=callback, progress=progress, stage="upsampler",
+            up_draws = _GlideDraws(a.generator, n, device)
+            x = up_draws.draw((n, 3, up_size, up_size)) * a.upsample_temp
+            x = self._run_stage(up, up_denoiser, x, a.upsample_sampler, a.upsample_plan, draws=up_draws,
+                                cond_fn=None, callback=callback, progress=progress, stage="upsampler",
                                 denoised_fn=up_paste, cuda_graph=cuda_graph)
         images = ((x.float() + 1) / 2).clamp(0, 1)
         return to_output(images, output_type)
-
-    __call__ = generate
 
     # ------------------------------------------------------------------ helpers
 
@@ -340,10 +397,13 @@ class GlidePipeline(Pipeline):
     def _image_hw(image) -> Tuple[int, int]:
         from PIL import Image
 
+        if isinstance(image, (list, tuple)) and image:
+            return GlidePipeline._image_hw(image[0])
         if isinstance(image, Image.Image):
             return image.size[1], image.size[0]
-        shape = tuple(np.shape(image)) if not isinstance(image, Tensor) else tuple(image.shape)
-        return (shape[0], shape[1]) if isinstance(image, np.ndarray) else (shape[-2], shape[-1])
+        if isinstance(image, np.ndarray):  # [H, W], [H, W, C] or [B, H, W, C]
+            return tuple(image.shape[:2]) if image.ndim == 2 else tuple(image.shape[-3:-1])
+        return tuple(image.shape[-2:])
 
     @staticmethod
     def _batch(t: Tensor, n: int, name: str) -> Tensor:
@@ -356,10 +416,6 @@ class GlidePipeline(Pipeline):
     def _start(self, latents: Optional[Tensor], draws: _GlideDraws, shape) -> Tensor:
         if latents is None:
             return draws.draw(shape)
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
-        if not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or infinite values")
         return latents.to(self.device, torch.float32)
 
     @staticmethod
@@ -383,7 +439,9 @@ class GlidePipeline(Pipeline):
         fns = []
         if clip_scale is not None:
             clip_fn = self.clip.cond_fn(prompts, float(clip_scale))
-            fns.append(lambda x, t: clip_fn(x.float(), t.long().reshape(-1).expand(x.shape[0])))
+            # The noised CLIP embeds trained (integer) timesteps; the sigma samplers' model
+            # timesteps fall between them, so they take the nearest.
+            fns.append(lambda x, t: clip_fn(x.float(), _nearest_timestep(t).reshape(-1).expand(x.shape[0])))
         if user_fn is not None:
             fns.append(user_fn)
         if not fns:

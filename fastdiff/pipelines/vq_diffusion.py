@@ -10,24 +10,23 @@ Same folder, prompt, generator and steps give diffusers' tokens and images.
 """
 from __future__ import annotations
 
-import os
+import types
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ..loaders import diffusers_folder as folder_io
+from ..loaders import vq_diffusion as vq_loader
 from ..sampling.discrete import DiscreteScheduleConfig, sample_discrete
-from .base import Pipeline, check_prompts, make_generator, to_output
+from . import arguments as A
+from .base import Pipeline, register_pipeline, to_output
 
-NULL_EMBEDDINGS = "learned_classifier_free_sampling_embeddings"
 
-
+@register_pipeline("VQDiffusionPipeline")
 class VQDiffusionPipeline(Pipeline):
     """Text-to-image by discrete diffusion over VQ-VAE tokens."""
 
-    CLASS_NAMES = ("VQDiffusionPipeline",)
-    REQUIRED = ("vqvae", "transformer", "text_encoder", "tokenizer", "scheduler", NULL_EMBEDDINGS)
+    components = ("transformer", "vqvae", "text_encoder", "null_embeddings")
 
     def __init__(self, vqvae, transformer, text_encoder, tokenizer, scheduler_config: DiscreteScheduleConfig,
                  null_embeddings: Optional[Tensor] = None):
@@ -42,46 +41,9 @@ class VQDiffusionPipeline(Pipeline):
         self.scheduler_config = scheduler_config
         self.null_embeddings = null_embeddings
 
-    # ------------------------------------------------------------------ loading
-
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None) -> "VQDiffusionPipeline":
-        from ..models.vqvae import VQModel
-        from ..models.discrete_transformer import VQDiffusionTransformer
-
-        path = os.fspath(path)
-        index = folder_io.read_model_index(path)
-        folder_io.check_components(path, index, cls.REQUIRED, "VQ-Diffusion")
-        vqvae = folder_io.load_module(VQModel, path, "vqvae", device, dtype)
-        transformer = folder_io.load_module(VQDiffusionTransformer, path, "transformer", device, dtype)
-        text_encoder = folder_io.load_text_encoder(path, device=device, dtype=dtype)
-        tokenizer = folder_io.load_tokenizer(path)
-        scheduler_dir = folder_io.component_dir(path, "scheduler")
-        config = folder_io.read_json(os.path.join(scheduler_dir, "scheduler_config.json"))
-        if config.get("_class_name", "VQDiffusionScheduler") != "VQDiffusionScheduler":
-            raise ValueError(f"{scheduler_dir}: scheduler {config.get('_class_name')!r} is not a "
-                             f"VQDiffusionScheduler")
-        if "num_vec_classes" not in config:
-            raise ValueError(f"{scheduler_dir}/scheduler_config.json lacks num_vec_classes")
-        null = folder_io.load_learned_null_embeddings(path, NULL_EMBEDDINGS)
-        if null is not None:
-            null = null.to(device=device, dtype=dtype)
-        return cls(vqvae, transformer, text_encoder, tokenizer, DiscreteScheduleConfig.from_dict(config), null)
-
-    def to(self, device=None, dtype=None) -> "VQDiffusionPipeline":
-        for module in (self.vqvae, self.transformer, self.text_encoder):
-            module.to(device=device, dtype=dtype)
-        if self.null_embeddings is not None:
-            self.null_embeddings = self.null_embeddings.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+    def load_components(cls, path, *, device=None, dtype=None) -> dict:
+        return vq_loader.load_folder(path, device=device, dtype=dtype)
 
     @property
     def num_tokens(self) -> int:
@@ -116,52 +78,79 @@ class VQDiffusionPipeline(Pipeline):
                              f"embeddings {tuple(embeds.shape[1:])}")
         return embeds, null.expand_as(embeds)
 
+    # ------------------------------------------------------------------ arguments
+
+    @property
+    def image_size(self):
+        """(height, width) of the images: the token grid times the VQ-VAE's upsampling."""
+        f = self.vqvae.downsample_factor
+        return self.transformer.height * f, self.transformer.width * f
+
+    def family_defaults(self) -> dict:
+        """diffusers' VQDiffusionPipeline defaults (100 steps, or every training timestep where a model has fewer)."""
+        height, width = self.image_size
+        steps = min(100, self.scheduler_config.num_train_timesteps)
+        return dict(num_inference_steps=steps, guidance_scale=5.0, truncation_rate=1.0, height=height, width=width)
+
+    def check_family(self, a: types.SimpleNamespace) -> None:
+        if a.negative_prompt is not None:
+            raise ValueError("VQ-Diffusion takes no negative_prompt: its unconditional half is the learned "
+                             "null-text embedding (or the empty prompt's)")
+        if a.sampler is not None:
+            raise ValueError(f"VQ-Diffusion has one sampler (its discrete diffusion), so sampler must be None, "
+                             f"got {a.sampler!r}")
+        T = self.scheduler_config.num_train_timesteps
+        a.num_inference_steps = A.check_int("num_inference_steps", a.num_inference_steps, low=1, high=T,
+                                            what=" (at most the model's training timesteps)")
+        A.check_fixed_size("height", a.height, self.image_size[0], "this VQ-Diffusion model")
+        A.check_fixed_size("width", a.width, self.image_size[1], "this VQ-Diffusion model")
+        a.truncation_rate = A.check_real("truncation_rate", a.truncation_rate, low=0.0, high=1.0, low_open=True)
+        a.guided = a.guidance_scale > 1.0  # as diffusers
+        a.batch = len(a.prompts) * a.num_images_per_prompt
+        if a.latents is not None:
+            self._check_latents(a.latents, a.batch)
+
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
     def generate(
         self,
         prompt: Union[str, Sequence[str]],
-        num_inference_steps: int = 100,
-        guidance_scale: float = 5.0,
-        truncation_rate: float = 1.0,
-        num_images_per_prompt: int = 1,
+        *,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        negative_prompt=None,
+        sampler: Optional[str] = None,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
-        latents: Optional[Tensor] = None,
+        num_images_per_prompt: int = 1,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
         output_type: str = "pil",
         progress: bool = True,
         callback: Optional[Callable] = None,
+        truncation_rate: Optional[float] = None,
+        latents: Optional[Tensor] = None,
     ):
-        """Images for `prompt` (a string or a list).
+        """Images for `prompt` (a string or a list); every argument after it is a keyword, None
+        meaning ``self.defaults`` (diffusers': 100 steps, guidance 5, no truncation), all
+        checked before any work.
 
         num_inference_steps: at most the model's training timesteps; fewer run the chain's
             last timesteps, as diffusers does.
-        guidance_scale: log-space classifier-free guidance; 1 or less turns it off.
+        guidance_scale: log-space classifier-free guidance; as diffusers, only above 1 (at 1
+            or below, one plain model call per step).
+        negative_prompt / sampler: not VQ-Diffusion's (refused unless None); height / width:
+            None or the model's fixed size (``image_size``).
         truncation_rate: keep each token's most likely classes up to this cumulative
             probability, in (0, 1]; 1 keeps every class.
         latents: int64 [B, N] starting tokens (default: every token masked).
         callback: called with a StepInfo after every step (tokens as ``x``, the predicted
             clean tokens as ``x0``).
         """
-        prompts = check_prompts(prompt)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        if not torch.isfinite(torch.tensor(float(guidance_scale))):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        if not 0.0 < float(truncation_rate) <= 1.0:
-            raise ValueError(f"truncation_rate must be in (0, 1], got {truncation_rate}")
-        T = self.scheduler_config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (the model's training "
-                             f"timesteps), got {num_inference_steps!r}")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"unknown output_type {output_type!r}; valid: pil, np, pt")
-        generator = make_generator(seed, generator)
-
-        guided = guidance_scale > 1.0  # as diffusers
-        embeds, null = self.encode_prompt(prompts, num_images_per_prompt, guided)
-        batch = embeds.shape[0]
+        a = self.check_arguments(locals())
+        guided, batch = a.guided, a.batch
+        embeds, null = self.encode_prompt(a.prompts, a.num_images_per_prompt, guided)
         x = self._initial_tokens(batch, latents)
         context = torch.cat([null, embeds]) if guided else embeds  # unconditional half first, as diffusers
 
@@ -172,18 +161,16 @@ class VQDiffusionPipeline(Pipeline):
                 return log_p, None
             return log_p[batch:], log_p[:batch]
 
-        x = sample_discrete(denoise, x, self.scheduler_config, num_inference_steps,
-                            guidance_scale=guidance_scale if guided else None, truncation_rate=float(truncation_rate),
-                            generator=generator, progress=progress, callback=callback)
+        x = sample_discrete(denoise, x, self.scheduler_config, a.num_inference_steps,
+                            guidance_scale=a.guidance_scale if guided else None, truncation_rate=a.truncation_rate,
+                            generator=a.generator, progress=progress, callback=callback)
         decoded = self.vqvae.decode_tokens(x, self.transformer.height, self.transformer.width)
         images = (decoded.float() / 2 + 0.5).clamp(0, 1)
         return to_output(images, output_type)
 
-    __call__ = generate
-
-    def _initial_tokens(self, batch: int, latents: Optional[Tensor]) -> Tensor:
-        if latents is None:
-            return torch.full((batch, self.num_tokens), self.mask_class, dtype=torch.int64, device=self.device)
+    def _check_latents(self, latents, batch: int) -> None:
+        if not isinstance(latents, Tensor):
+            raise TypeError(f"latents must be a tensor of token indices, got {type(latents).__name__}")
         if tuple(latents.shape) != (batch, self.num_tokens):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(batch, self.num_tokens)} "
                              f"(images x tokens)")
@@ -192,4 +179,8 @@ class VQDiffusionPipeline(Pipeline):
         if (latents < 0).any() or (latents > self.mask_class).any():
             raise ValueError(f"latents must be token indices in [0, {self.mask_class}] ({self.mask_class} is the "
                              f"mask class)")
+
+    def _initial_tokens(self, batch: int, latents: Optional[Tensor]) -> Tensor:
+        if latents is None:
+            return torch.full((batch, self.num_tokens), self.mask_class, dtype=torch.int64, device=self.device)
         return latents.to(self.device, torch.int64)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
+from ..cli_args import CliError, api_errors, check_device, check_folder_writable, command
 from .config import (BETA_SCHEDULES, LR_SCHEDULES, PRECISIONS, PREDICTION_TYPES, PRESETS, ProceduralData, preset,
                      with_section)
 
@@ -61,7 +61,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="start stage 2 from the unet, text encoder and tokenizer of this pipeline folder (e.g. an "
                         "earlier run's output, which holds its EMA weights) instead of random init: fine-tuning "
                         "with new settings; give its VAE with --vae DIR/vae")
-    # dest is not "steps": fastdiff/cli.py's main() compares a parsed `steps` with 1, and None is "keep the preset's"
+    # dest names the stage it sets; None keeps the preset's (TrainConfig refuses steps < 1)
     p.add_argument("--steps", dest="text2img_steps", metavar="STEPS", type=int, help="stage 2 (text-to-image) optimiser steps")
     p.add_argument("--vae-steps", type=int, help="stage 1 (autoencoder) optimiser steps")
     p.add_argument("--batch-size", type=int, help="stage 2 batch size")
@@ -150,24 +150,31 @@ def command_line(args, parser: argparse.ArgumentParser) -> str:
     return shlex.join(words)
 
 
+def _check_output(output: str) -> None:
+    """The output folder, checked before training: stage 1 writes it only after minutes."""
+    import os
+
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise CliError(f"-o/--output: {output} is a file; give a folder for the trained pipeline")
+    check_folder_writable(output)
+
+
+@command
 def run_train(args) -> int:
     from .trainer import train
 
-    try:
+    if args.device not in (None, "auto"):
+        check_device(args.device)
+    _check_output(args.output)
+    with api_errors():
         cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     parser = getattr(args, "_train_parser", None)
     if parser is not None:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, command=command_line(args, parser))
-    try:
+    with api_errors():
         results = train(cfg, stage=args.stage)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     for name, result in results.items():
         print(f"{name}: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_time_s:.0f} s "
               f"({result.steps / max(result.wall_time_s, 1e-9):.2f} steps/s)")

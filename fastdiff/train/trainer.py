@@ -30,6 +30,7 @@ import torch
 
 from ..loaders import diffusers_folder as folder_io
 from ..models import AutoencoderKL
+from ..sampling.noise import randn
 from . import objectives as obj
 from .config import TrainConfig
 from .data import make_dataset
@@ -53,8 +54,9 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Drawn on the CPU generator, then moved: the same numbers on every device."""
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+    """Drawn in float32 on the (CPU) generator, then moved and cast: the same numbers on every
+    device and in every training dtype."""
+    return randn(x.shape, generator=generator, device=x.device).to(x.dtype)
 
 
 def _autocast(device: torch.device, bf16: bool):
