@@ -10,6 +10,9 @@ import os
 import sys
 import time
 
+from ..cli_args import (CliError, api_errors, check_folder_writable, check_writable, command, finite_float,
+                        image_suffix, save_image)
+
 DEFAULT_SCALES = (1.0, 3.0, 5.0, 8.0)
 
 
@@ -35,7 +38,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         "trained (default: %(default)s, a few minutes on two CPU cores)")
     parser.add_argument("--n", type=int, default=200, help="held-out captions, one image each per scale "
                         "(default: %(default)s)")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), metavar="SCALE",
+    parser.add_argument("--scales", type=finite_float, nargs="+", default=list(DEFAULT_SCALES), metavar="SCALE",
                         help="classifier-free guidance scales (default: 1 3 5 8)")
     parser.add_argument("--steps", type=int, default=30, help="sampling steps per image (default: %(default)s)")
     parser.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (default: the pipeline's)")
@@ -43,7 +46,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         "fixes the noise (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="picks the captions and the noise (default: %(default)s)")
     parser.add_argument("--output", metavar="MD", help="also write the results as a markdown file")
-    parser.add_argument("--grid", metavar="PNG", help="write a grid of samples: real renders, then each scale")
+    parser.add_argument("--grid", metavar="PNG", help="write a grid of samples: real renders, then each scale "
+                        "(.png, .jpg, .webp, ...: written in that format)")
     parser.add_argument("--grid-count", type=int, default=8, help="captions in the grid (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="turn the progress bars off")
     parser.set_defaults(func=run_eval)
@@ -100,32 +104,47 @@ def _write_grid(path: str, results: dict) -> None:
     labels = ["real: " + c for c in results["captions"][:count]]
     for scale in results["scales"]:
         labels += [f"cfg {scale:g}: " + c for c in results["captions"][:count]]
-    image_grid(images, labels, columns=count).save(path)
+    save_image(image_grid(images, labels, columns=count), path)
 
 
+def _check_outputs(args) -> None:
+    """Every file the run writes at its end, checked before the run (it takes minutes)."""
+    if args.output:
+        check_writable(args.output, "--output")
+    if args.grid:
+        image_suffix(args.grid, "--grid", required=True)
+        check_writable(args.grid, "--grid")
+    from .judge import CONFIG_FILE
+
+    if not os.path.isfile(os.path.join(args.judge, CONFIG_FILE)):  # a judge will be trained and saved there
+        if os.path.exists(args.judge) and not os.path.isdir(args.judge):
+            raise CliError(f"--judge: {args.judge} is a file, not a folder of a saved judge")
+        check_folder_writable(args.judge, "--judge")
+
+
+@command
 def run_eval(args) -> int:
-    problems = [f"--{name.replace('_', '-')} must be positive" for name in ("n", "steps", "batch_size", "judge_steps")
-                if getattr(args, name) < 1]
+    problems = [f"--{name.replace('_', '-')} must be positive" for name in ("n", "steps", "batch_size", "judge_steps",
+                                                                            "grid_count") if getattr(args, name) < 1]
     if problems:
-        print("error: " + "; ".join(problems), file=sys.stderr)
-        return 2
+        raise CliError("; ".join(problems))
+    _check_outputs(args)
     pipe = _load_pipeline(args.model)  # before the judge: a bad --model should not cost a judge training
     if pipe is None:
         return 2
     from .attributes import evaluate, format_table
 
     start = time.perf_counter()
-    try:
+    with api_errors():
         judge = _load_or_train_judge(args.judge, args.judge_steps, not args.no_progress)
         results = evaluate(pipe, judge, n=args.n, guidance_scales=args.scales, steps=args.steps, seed=args.seed,
                            sampler=args.sampler, batch_size=args.batch_size, progress=not args.no_progress,
                            keep_images=min(args.grid_count, args.n) if args.grid else 0)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     elapsed = time.perf_counter() - start
     print(format_table(results))
     if args.output:
+        if os.path.dirname(args.output):
+            os.makedirs(os.path.dirname(args.output), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.write(_report(args, results, elapsed))
         print(f"wrote {args.output}")
