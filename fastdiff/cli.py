@@ -5,12 +5,14 @@
     fastdiff train ...                train a small text-to-image model (built-in shapes data or your own)
     fastdiff eval ...                 attribute accuracy of a model, read by an independent judge
     fastdiff demo "a red circle"      sample an image with the engine (no weights needed)
+    fastdiff export onnx [MODEL] OUT  export a Stable Diffusion model to ONNX (optimum's layout), checked
 
 Every argument is checked before a model loads; a bad one ends the command with one
 ``error:`` line and exit status 2 (fastdiff/cli_args.py, which also holds the rule for -o).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -161,6 +163,57 @@ def _cmd_generate(args) -> int:
                      height=args.height, width=args.width, clip_skip=args.clip_skip, cuda_graph=args.cuda_graph))
     _save_images(images, paths, time.perf_counter() - start)
     return 0
+
+
+def _cmd_export_onnx(args) -> int:
+    import torch
+
+    from .cli_args import check_folder_writable
+
+    out = os.path.abspath(args.out_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"OUT_DIR: {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        raise CliError(f"OUT_DIR: {out} is not empty; give a new or empty folder")
+    check_folder_writable(out, "OUT_DIR")
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        if importlib.util.find_spec(name) is None:
+            raise CliError(f"ONNX export needs {name}: pip install {name}")
+    pipe = _load_pipeline(args.model, torch.device("cpu"), torch.float32, tokenizer=args.tokenizer)
+    import fastdiff.export
+
+    start = time.perf_counter()
+    with api_errors():
+        manifest = fastdiff.export.onnx(pipe, out, opset=args.opset, verify=not args.no_verify, step=args.step,
+                                        progress=lambda what: print(what, file=sys.stderr))
+    for g in manifest["graphs"] + manifest["step_graphs"]:
+        checked = (f"ONNX Runtime vs PyTorch max error {g['max_abs_error']:.2g} (bound {g['bound']:.2g})"
+                   if manifest["verified"] else "not verified")
+        print(f"{g['file']}: {checked}")
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s (manifest: fastdiff_onnx.json)")
+    return 0
+
+
+def _step_counts(text: str) -> dict:
+    """--step "dpmpp_2m:20,50;ddim:50" -> {"dpmpp_2m": [20, 50], "ddim": [50]}."""
+    import argparse
+
+    from .sampling import SAMPLERS
+
+    step = {}
+    for part in filter(None, text.split(";")):
+        sampler, _, counts = part.partition(":")
+        if sampler not in SAMPLERS:
+            raise argparse.ArgumentTypeError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        try:
+            step[sampler] = [int(n) for n in counts.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: give SAMPLER:N[,N...] with step counts N") from None
+        if any(n < 1 for n in step[sampler]):
+            raise argparse.ArgumentTypeError(f"{part!r}: step counts must be positive")
+    if not step:
+        raise argparse.ArgumentTypeError(f"no sampler given in {text!r}")
+    return step
 
 
 def _load_pipeline(model, device, dtype, *, config=None, tokenizer=None):
@@ -385,6 +438,28 @@ def build_parser() -> Parser:
                       "image, at most 64 (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     demo.set_defaults(func=command(_cmd_demo))
+    export = sub.add_parser("export", help="export a model's networks (onnx)",
+                            description="Export a model's networks to another runtime's format.")
+    formats = export.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    onnx = formats.add_parser(
+        "onnx", help="Stable Diffusion to ONNX, in optimum's folder layout",
+        description="Exports the text encoder, UNet, VAE encoder and VAE decoder of a Stable Diffusion model "
+                    "(a diffusers folder, a single file with --tokenizer, or the built-in model) to ONNX with "
+                    "optimum's folder layout and input/output names, standard operators only (every ONNX Runtime "
+                    "execution provider takes them), batch/height/width dynamic. Each graph is run in ONNX "
+                    "Runtime on other shapes and held to the PyTorch module; the errors are printed and kept in "
+                    "OUT_DIR/fastdiff_onnx.json.")
+    onnx.add_argument("model", nargs="?", default=None, help="model folder or single file (default: the built-in "
+                      "model)")
+    onnx.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
+    onnx.add_argument("--opset", type=int_in(18, 21), default=18, help="ONNX opset, 18 to 21 (default: "
+                      "%(default)s)")
+    onnx.add_argument("--tokenizer", default=None, help="tokenizer folder, for a single-file model")
+    onnx.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of each graph")
+    onnx.add_argument("--step", type=_step_counts, default=None, metavar="SAMPLER:N[,N...][;...]",
+                      help="also export the whole guided step of each sampler as one graph, with the "
+                           "coefficient table of each step count N (e.g. dpmpp_2m:20,50;ddim:50)")
+    onnx.set_defaults(func=command(_cmd_export_onnx))
     return parser
 
 

@@ -40,6 +40,20 @@ start=$SECONDS
 pip install --quiet --no-build-isolation -e .
 echo "setup:   built in $((SECONDS - start)) s"
 
+# ONNX export (onnx, onnxscript) and ONNX Runtime: its GPU build where a driver is present.
+say "checking ONNX export and runtime"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  ort="onnxruntime-gpu>=1.18"
+else
+  ort="onnxruntime>=1.18"
+fi
+if "$PYTHON" -c "import onnx, onnxscript, onnxruntime" >/dev/null 2>&1; then
+  echo "setup:   keeping the installed onnx, onnxscript and onnxruntime"
+else
+  say "installing ONNX export and runtime" "(onnx, onnxscript, ${ort%%>=*})"
+  pip install --quiet "onnx>=1.16" "onnxscript>=0.5" "$ort"
+fi
+
 if [[ "${1:-}" == "--test" ]]; then
   say "installing test tools" "(the [test] extra of pyproject.toml)"
   # Read from pyproject.toml rather than `pip install -e .[test]`, which would build the

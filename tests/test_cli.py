@@ -411,3 +411,30 @@ def test_eval_and_train_check_their_outputs_first(tmp_path, capsys, no_loading):
     assert run_cli(["train", "-o", str(tmp_path / "file" / "model")]) == 2
     one_error_line(capsys, "--output", "is a file, not a folder")
     assert not no_loading
+
+
+def test_export_onnx_writes_a_checked_folder(sd_folder, tmp_path, capsys):
+    require("onnx"), require("onnxscript"), require("onnxruntime")
+    out = tmp_path / "onnx"
+    assert main(["export", "onnx", sd_folder, str(out), "--step", "ddim:4,6"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "step_ddim" / "steps_4.json").is_file() and (out / "step_ddim" / "steps_6.json").is_file()
+    for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder", "step_ddim"):
+        assert (out / name / "model.onnx").is_file()
+        assert f"{name}/model.onnx: ONNX Runtime vs PyTorch max error" in printed
+    assert (out / "fastdiff_onnx.json").is_file()
+
+
+def test_export_onnx_bad_input_is_refused_first(sd_folder, tmp_path, capsys, no_loading):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    for argv, words in (([str(tmp_path / "full")], ("not empty",)),
+                        ([str(tmp_path / "afile")], ("is a file",)),
+                        ([str(tmp_path / "afile" / "under")], ("is a file",)),
+                        (["--opset", "12", str(tmp_path / "o")], ("--opset",)),
+                        (["--step", "nope:4", str(tmp_path / "o")], ("--step", "unknown sampler")),
+                        (["--step", "ddim:x", str(tmp_path / "o")], ("--step", "SAMPLER:N"))):
+        assert run_cli(["export", "onnx", *argv]) == 2
+        one_error_line(capsys, *words)
+    assert not no_loading and not (tmp_path / "o").exists()

@@ -6,7 +6,8 @@ such folders; each family module registers itself there when imported (below).
 """
 from .base import PIPELINES, Pipeline
 from .glide import GlidePipeline
+from .onnx import OnnxStableDiffusionPipeline
 from .stable_diffusion import StableDiffusionPipeline
 from .vq_diffusion import VQDiffusionPipeline
 
-__all__ = ["PIPELINES", "Pipeline", "GlidePipeline", "StableDiffusionPipeline", "VQDiffusionPipeline"]
+__all__ = ["PIPELINES", "Pipeline", "GlidePipeline", "OnnxStableDiffusionPipeline", "StableDiffusionPipeline", "VQDiffusionPipeline"]

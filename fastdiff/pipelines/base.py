@@ -120,6 +120,12 @@ class Pipeline(metaclass=_PipelineFactory):
         raise ValueError(f"{path}: {cls.__name__} does not load from a diffusers folder")
 
     @classmethod
+    def from_onnx(cls, path: Union[str, os.PathLike], providers=None) -> "Pipeline":
+        """A folder written by fastdiff.export.onnx, its networks in ONNX Runtime (`providers`:
+        ONNX Runtime execution providers, default the CPU's); see pipelines/onnx.py."""
+        return PIPELINES["ORTStableDiffusionPipeline"].from_onnx(path, providers=providers)
+
+    @classmethod
     def from_glide(cls, base, upsampler=None, *, tokenizer, inpaint: bool = False, clip=None, options=None,
                    upsampler_options=None, device=None, dtype=None) -> "Pipeline":
         """GLIDE from glide-text2im checkpoints (see GlidePipeline.from_glide)."""

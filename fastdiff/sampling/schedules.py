@@ -200,6 +200,17 @@ class SchedulerConfig:
                              "solver_type='midpoint' only")
         return cls(class_name=data.get("_class_name"), extra=extra, **known)
 
+    def to_dict(self) -> dict:
+        """The scheduler_config.json this config was read from (from_dict's inverse: the keys
+        it set, unset ones left to the scheduler class's defaults)."""
+        names = [f.name for f in fields(self) if f.name not in ("class_name", "extra")]
+        data = {"_class_name": self.class_name} if self.class_name else {}
+        for name in names:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = list(value) if name == "trained_betas" else value
+        return {**data, **self.extra}
+
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "SchedulerConfig":
         path = os.fspath(path)
