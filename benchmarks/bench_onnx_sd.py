@@ -17,10 +17,9 @@ pytest.importorskip("onnxscript")
 
 import fastdiff  # noqa: E402
 import fastdiff.export  # noqa: E402
+from bench_pipeline_sd import SIZE, STEPS, run_diffusers, run_fastdiff  # noqa: E402  (the same case)
 from sd_fixtures import make_pipeline, with_scheduler  # noqa: E402
 from timing import bench  # noqa: E402
-
-STEPS, SIZE = 20, 128
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +32,6 @@ def pipes(tmp_path_factory):
     onnx_pipe = fastdiff.Pipeline.from_onnx(out)
     latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
     return ref, ours, onnx_pipe, latents
-
-
-def run_fastdiff(pipe, latents):
-    return pipe.generate("a red circle", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=7.5,
-                         height=SIZE, width=SIZE, sampler="dpmpp_2m", latents=latents.clone(), output_type="pt",
-                         progress=False)
-
-
-def run_diffusers(ref, latents):
-    return ref("a red circle", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=7.5,
-               height=SIZE, width=SIZE, latents=latents.clone(), output_type="pt").images
 
 
 @pytest.mark.parametrize("impl", ["onnxruntime", "fastdiff", "diffusers"])

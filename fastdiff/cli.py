@@ -12,7 +12,6 @@ Every argument is checked before a model loads; a bad one ends the command with 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -168,20 +167,18 @@ def _cmd_generate(args) -> int:
 def _cmd_export_onnx(args) -> int:
     import torch
 
-    from .cli_args import check_folder_writable
-
-    out = os.path.abspath(args.out_dir)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CliError(f"OUT_DIR: {out} is a file, not a folder")
-    if os.path.isdir(out) and os.listdir(out):
-        raise CliError(f"OUT_DIR: {out} is not empty; give a new or empty folder")
-    check_folder_writable(out, "OUT_DIR")
-    for name in ("onnx", "onnxscript", "onnxruntime"):
-        if importlib.util.find_spec(name) is None:
-            raise CliError(f"ONNX export needs {name}: pip install {name}")
-    pipe = _load_pipeline(args.model, torch.device("cpu"), torch.float32, tokenizer=args.tokenizer)
     import fastdiff.export
 
+    from .cli_args import check_folder_writable
+
+    with api_errors("OUT_DIR"):
+        out = os.path.abspath(fastdiff.export.check_out_dir(args.out_dir))
+    check_folder_writable(out, "OUT_DIR")
+    try:
+        fastdiff.export.require_packages(verify=not args.no_verify)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    pipe = _load_pipeline(args.model, torch.device("cpu"), torch.float32, tokenizer=args.tokenizer)
     start = time.perf_counter()
     with api_errors():
         manifest = fastdiff.export.onnx(pipe, out, opset=args.opset, verify=not args.no_verify, step=args.step,

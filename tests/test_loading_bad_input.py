@@ -268,12 +268,18 @@ def test_model_index_must_be_an_object(tmp_path, sd_folder, content):
     ("vae", "norm_num_groups", 0), ("vae", "norm_num_groups", 3), ("vae", "sample_size", 0),
 ])
 def test_sd_config_values_refused_before_any_weights(tmp_path, monkeypatch, sd_folder, component, key, value):
-    folder = copy_of(sd_folder, tmp_path)
+    assert_config_value_refused(load_folder, sd_folder, tmp_path, monkeypatch, component, key, value)
+
+
+def assert_config_value_refused(load, source, tmp_path, monkeypatch, component, key, value):
+    """`load` on a copy of `source` whose component config sets key=value: one ValueError
+    naming the file and the value, before any weights are read."""
+    folder = copy_of(source, tmp_path)
     path = folder / component / "config.json"
     edit_config(path, **{key: value})
     no_weights_read(monkeypatch)
     with pytest.raises(ValueError) as info:
-        load_folder(folder)
+        load(folder)
     message = one_line(info)
     assert str(path) in message and f"{key}={value!r}" in message
 
@@ -310,14 +316,7 @@ def test_component_config_must_be_an_object(tmp_path, sd_folder):
     ("transformer", "num_attention_heads", 0), ("transformer", "attention_head_dim", -8),
 ])
 def test_vq_config_values_refused_before_any_weights(tmp_path, monkeypatch, vq_folder, component, key, value):
-    folder = copy_of(vq_folder, tmp_path)
-    path = folder / component / "config.json"
-    edit_config(path, **{key: value})
-    no_weights_read(monkeypatch)
-    with pytest.raises(ValueError) as info:
-        load_vq_folder(folder)
-    message = one_line(info)
-    assert str(path) in message and f"{key}={value!r}" in message
+    assert_config_value_refused(load_vq_folder, vq_folder, tmp_path, monkeypatch, component, key, value)
 
 
 @pytest.mark.parametrize("key, value", [
