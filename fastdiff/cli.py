@@ -17,8 +17,8 @@ import os
 import sys
 import time
 
-from .cli_args import (CliError, Parser, api_errors, check_device, check_writable, command, finite_float,
-                       image_suffix, int_in, one_line, plan_outputs, positive_int, random_seed, save_image)
+from .cli_args import (CliError, Parser, add_glide_model_arguments, api_errors, check_device, check_writable, command, finite_float,
+                       image_suffix, int_in, load_glide_pipeline, load_pipeline, one_line, plan_outputs, positive_int, random_seed, save_image)
 
 
 def _cmd_info(args) -> int:
@@ -37,7 +37,7 @@ def _model_info(args) -> int:
     """The model's family and the defaults generate() (and so `fastdiff generate`) uses."""
     import torch
 
-    pipe = _load_pipeline(args.model or None, torch.device("cpu"), torch.float32)
+    pipe = load_pipeline(args.model or None, torch.device("cpu"), torch.float32)
     where = args.model or "the built-in model"
     defaults = dict(pipe.defaults)
     if args.json:
@@ -141,7 +141,7 @@ def _cmd_generate(args) -> int:
     paths = plan_outputs(args.output, _image_names(prompts, args.images_per_prompt))
     if args.glide is not None:
         return _generate_glide(args, prompts, device, dtype, paths)
-    pipe = _load_pipeline(args.model, device, dtype, config=args.config, tokenizer=args.tokenizer)
+    pipe = load_pipeline(args.model, device, dtype, config=args.config, tokenizer=args.tokenizer)
     from .pipelines import VQDiffusionPipeline
 
     if isinstance(pipe, VQDiffusionPipeline):
@@ -162,70 +162,6 @@ def _cmd_generate(args) -> int:
                      height=args.height, width=args.width, clip_skip=args.clip_skip, cuda_graph=args.cuda_graph))
     _save_images(images, paths, time.perf_counter() - start)
     return 0
-
-
-def _cmd_export_onnx(args) -> int:
-    import torch
-
-    import fastdiff.export
-
-    from .cli_args import check_folder_writable
-
-    with api_errors("OUT_DIR"):
-        out = os.path.abspath(fastdiff.export.check_out_dir(args.out_dir))
-    check_folder_writable(out, "OUT_DIR")
-    try:
-        fastdiff.export.require_packages(verify=not args.no_verify)
-    except RuntimeError as exc:
-        raise CliError(str(exc)) from None
-    pipe = _load_pipeline(args.model, torch.device("cpu"), torch.float32, tokenizer=args.tokenizer)
-    start = time.perf_counter()
-    with api_errors():
-        manifest = fastdiff.export.onnx(pipe, out, opset=args.opset, verify=not args.no_verify, step=args.step,
-                                        progress=lambda what: print(what, file=sys.stderr))
-    for g in manifest["graphs"] + manifest["step_graphs"]:
-        checked = (f"ONNX Runtime vs PyTorch max error {g['max_abs_error']:.2g} (bound {g['bound']:.2g})"
-                   if manifest["verified"] else "not verified")
-        print(f"{g['file']}: {checked}")
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s (manifest: fastdiff_onnx.json)")
-    return 0
-
-
-def _step_counts(text: str) -> dict:
-    """--step "dpmpp_2m:20,50;ddim:50" -> {"dpmpp_2m": [20, 50], "ddim": [50]}."""
-    import argparse
-
-    from .sampling import SAMPLERS
-
-    step = {}
-    for part in filter(None, text.split(";")):
-        sampler, _, counts = part.partition(":")
-        if sampler not in SAMPLERS:
-            raise argparse.ArgumentTypeError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-        try:
-            step[sampler] = [int(n) for n in counts.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r}: give SAMPLER:N[,N...] with step counts N") from None
-        if any(n < 1 for n in step[sampler]):
-            raise argparse.ArgumentTypeError(f"{part!r}: step counts must be positive")
-    if not step:
-        raise argparse.ArgumentTypeError(f"no sampler given in {text!r}")
-    return step
-
-
-def _load_pipeline(model, device, dtype, *, config=None, tokenizer=None):
-    """The pipeline of `model` (a folder, a single file, None = the built-in model)."""
-    from .pipelines import Pipeline
-
-    with api_errors():
-        if model is None:
-            return Pipeline(device=device, dtype=dtype)
-        if os.path.isfile(model):
-            from .pipelines import StableDiffusionPipeline
-
-            return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer,
-                                                            device=device, dtype=dtype)
-        return Pipeline.from_pretrained(model, device=device, dtype=dtype)
 
 
 def _generate_vq(args, pipe, prompts, paths) -> int:
@@ -249,19 +185,10 @@ def _generate_vq(args, pipe, prompts, paths) -> int:
 
 
 def _generate_glide(args, prompts, device, dtype, paths) -> int:
-    from .pipelines import Pipeline
-
-    if not args.glide_tokenizer:
-        raise CliError("GLIDE needs --glide-tokenizer, the folder with encoder.json and vocab.bpe")
-    options = [_read_json(path, flag) if path else None
-               for path, flag in ((args.glide_options, "--glide-options"),
-                                  (args.glide_upsampler_options, "--glide-upsampler-options"))]
     # The inpainting inputs are read before the checkpoints, so a wrong path costs no loading.
     image, mask = (_open_image(path, flag) for path, flag in ((args.image, "--image"), (args.mask, "--mask")))
+    pipe = load_glide_pipeline(args, device, dtype)
     with api_errors():
-        pipe = Pipeline.from_glide(args.glide, args.glide_upsampler, tokenizer=args.glide_tokenizer,
-                                   inpaint=args.glide_inpaint, clip=args.glide_clip, options=options[0],
-                                   upsampler_options=options[1], device=device, dtype=dtype)
         start = time.perf_counter()
         images = pipe.generate(
             prompts, seed=args.seed, num_images_per_prompt=args.images_per_prompt, progress=not args.no_progress,
@@ -281,19 +208,6 @@ def _open_image(path, flag):
         image = Image.open(path)
         image.load()
     return image
-
-
-def _read_json(path: str, flag: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{flag}: {path} is not valid JSON: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"{flag}: {one_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise CliError(f"{flag}: {path} must hold a JSON object of GLIDE options")
-    return data
 
 
 def _save_images(images, paths, elapsed: float) -> None:
@@ -387,19 +301,7 @@ def build_parser() -> Parser:
     speed.add_argument("--fuse-qkv", action="store_true", help="one GEMM for each attention's q/k/v (k/v for "
                        "cross-attention) projections (latent diffusion)")
     glide = gen.add_argument_group("GLIDE (openai/glide-text2im checkpoints)")
-    glide.add_argument("--glide", metavar="BASE_PT", help="GLIDE base checkpoint (base.pt, or base_inpaint.pt "
-                       "with --glide-inpaint); 64x64 images, 256x256 with --glide-upsampler")
-    glide.add_argument("--glide-upsampler", metavar="UPSAMPLE_PT", help="GLIDE upsampler checkpoint (upsample.pt)")
-    glide.add_argument("--glide-tokenizer", metavar="DIR", help="folder with GLIDE's encoder.json and vocab.bpe "
-                       "(.gz accepted)")
-    glide.add_argument("--glide-options", metavar="JSON", help="GLIDE options of the base model as a JSON object "
-                       "(glide-text2im's option names; missing keys take its defaults)")
-    glide.add_argument("--glide-upsampler-options", metavar="JSON", help="GLIDE options of the upsampler "
-                       "(defaults: glide-text2im's upsampler defaults)")
-    glide.add_argument("--glide-inpaint", action="store_true", help="the checkpoints are the inpainting ones; "
-                       "needs --image and --mask")
-    glide.add_argument("--glide-clip", metavar="DIR", help="folder with clip_image_enc.pt, clip_text_enc.pt and "
-                       "bpe_simple_vocab_16e6.txt.gz, for --clip-guidance")
+    add_glide_model_arguments(glide)
     glide.add_argument("--clip-guidance", type=finite_float, help="CLIP guidance scale (GLIDE's notebook uses 3 "
                        "with --guidance 1)")
     glide.add_argument("--respacing", help="GLIDE timestep respacing for the base model: '100', 'ddim50', "
@@ -410,6 +312,7 @@ def build_parser() -> Parser:
     glide.add_argument("--mask", help="inpainting: a greyscale mask, white = keep the image, black = generate")
     gen.set_defaults(func=command(_cmd_generate))
     from .eval.cli import add_eval_parser
+    from .export.cli import add_export_parser
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
@@ -435,28 +338,7 @@ def build_parser() -> Parser:
                       "image, at most 64 (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     demo.set_defaults(func=command(_cmd_demo))
-    export = sub.add_parser("export", help="export a model's networks (onnx)",
-                            description="Export a model's networks to another runtime's format.")
-    formats = export.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    onnx = formats.add_parser(
-        "onnx", help="Stable Diffusion to ONNX, in optimum's folder layout",
-        description="Exports the text encoder, UNet, VAE encoder and VAE decoder of a Stable Diffusion model "
-                    "(a diffusers folder, a single file with --tokenizer, or the built-in model) to ONNX with "
-                    "optimum's folder layout and input/output names, standard operators only (every ONNX Runtime "
-                    "execution provider takes them), batch/height/width dynamic. Each graph is run in ONNX "
-                    "Runtime on other shapes and held to the PyTorch module; the errors are printed and kept in "
-                    "OUT_DIR/fastdiff_onnx.json.")
-    onnx.add_argument("model", nargs="?", default=None, help="model folder or single file (default: the built-in "
-                      "model)")
-    onnx.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
-    onnx.add_argument("--opset", type=int_in(18, 21), default=18, help="ONNX opset, 18 to 21 (default: "
-                      "%(default)s)")
-    onnx.add_argument("--tokenizer", default=None, help="tokenizer folder, for a single-file model")
-    onnx.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check of each graph")
-    onnx.add_argument("--step", type=_step_counts, default=None, metavar="SAMPLER:N[,N...][;...]",
-                      help="also export the whole guided step of each sampler as one graph, with the "
-                           "coefficient table of each step count N (e.g. dpmpp_2m:20,50;ddim:50)")
-    onnx.set_defaults(func=command(_cmd_export_onnx))
+    add_export_parser(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import sys
@@ -219,3 +220,64 @@ def save_image(image, path: str) -> None:
         os.makedirs(parent, exist_ok=True)
     lossy = os.path.splitext(path)[1].lower() in (".jpg", ".jpeg", ".webp")
     image.save(path, **({"quality": LOSSY_QUALITY} if lossy else {}))
+
+
+def read_json(path: str, flag: str) -> dict:
+    """The JSON object in `path` (a CliError naming `flag` otherwise)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{flag}: {path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"{flag}: {one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{flag}: {path} must hold a JSON object of GLIDE options")
+    return data
+
+
+def load_pipeline(model, device, dtype, *, config=None, tokenizer=None):
+    """The pipeline of `model` (a folder, a single file, None = the built-in model)."""
+    from .pipelines import Pipeline
+
+    with api_errors():
+        if model is None:
+            return Pipeline(device=device, dtype=dtype)
+        if os.path.isfile(model):
+            from .pipelines import StableDiffusionPipeline
+
+            return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer,
+                                                            device=device, dtype=dtype)
+        return Pipeline.from_pretrained(model, device=device, dtype=dtype)
+
+
+def add_glide_model_arguments(group) -> None:
+    """--glide BASE_PT and the options that load a GLIDE pipeline with it (load_glide_pipeline)."""
+    group.add_argument("--glide", metavar="BASE_PT", help="GLIDE base checkpoint (base.pt, or base_inpaint.pt "
+                       "with --glide-inpaint); 64x64 images, 256x256 with --glide-upsampler")
+    group.add_argument("--glide-upsampler", metavar="UPSAMPLE_PT", help="GLIDE upsampler checkpoint (upsample.pt)")
+    group.add_argument("--glide-tokenizer", metavar="DIR", help="folder with GLIDE's encoder.json and vocab.bpe "
+                       "(.gz accepted)")
+    group.add_argument("--glide-options", metavar="JSON", help="GLIDE options of the base model as a JSON object "
+                       "(glide-text2im's option names; missing keys take its defaults)")
+    group.add_argument("--glide-upsampler-options", metavar="JSON", help="GLIDE options of the upsampler "
+                       "(defaults: glide-text2im's upsampler defaults)")
+    group.add_argument("--glide-inpaint", action="store_true", help="the checkpoints are the inpainting ones; "
+                       "needs --image and --mask")
+    group.add_argument("--glide-clip", metavar="DIR", help="folder with clip_image_enc.pt, clip_text_enc.pt and "
+                       "bpe_simple_vocab_16e6.txt.gz, for --clip-guidance")
+
+
+def load_glide_pipeline(args, device, dtype):
+    """The GLIDE pipeline that add_glide_model_arguments' options name."""
+    from .pipelines import Pipeline
+
+    if not args.glide_tokenizer:
+        raise CliError("GLIDE needs --glide-tokenizer, the folder with encoder.json and vocab.bpe")
+    options = [read_json(path, flag) if path else None
+               for path, flag in ((args.glide_options, "--glide-options"),
+                                  (args.glide_upsampler_options, "--glide-upsampler-options"))]
+    with api_errors():
+        return Pipeline.from_glide(args.glide, args.glide_upsampler, tokenizer=args.glide_tokenizer,
+                                   inpaint=args.glide_inpaint, clip=args.glide_clip, options=options[0],
+                                   upsampler_options=options[1], device=device, dtype=dtype)

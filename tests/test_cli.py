@@ -421,7 +421,7 @@ def test_export_onnx_writes_a_checked_folder(sd_folder, tmp_path, capsys):
     assert (out / "step_ddim" / "steps_4.json").is_file() and (out / "step_ddim" / "steps_6.json").is_file()
     for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder", "step_ddim"):
         assert (out / name / "model.onnx").is_file()
-        assert f"{name}/model.onnx: ONNX Runtime vs PyTorch max error" in printed
+        assert f"{name}/model.onnx: float32, ONNX Runtime vs PyTorch max error" in printed
     assert (out / "fastdiff_onnx.json").is_file()
 
 
@@ -434,7 +434,13 @@ def test_export_onnx_bad_input_is_refused_first(sd_folder, tmp_path, capsys, no_
                         ([str(tmp_path / "afile" / "under")], ("is a file",)),
                         (["--opset", "12", str(tmp_path / "o")], ("--opset",)),
                         (["--step", "nope:4", str(tmp_path / "o")], ("--step", "unknown sampler")),
-                        (["--step", "ddim:x", str(tmp_path / "o")], ("--step", "SAMPLER:N"))):
+                        (["--step", "ddim:x", str(tmp_path / "o")], ("--step", "SAMPLER:N")),
+                        (["--static", "1x64", str(tmp_path / "o")], ("--static", "BATCHxHEIGHTxWIDTH")),
+                        (["--static", "0x64x64", str(tmp_path / "o")], ("--static", "positive")),
+                        (["--dtype", "bfloat16", str(tmp_path / "o")], ("--dtype", "invalid choice")),
+                        (["--optimize", "tensorrt", str(tmp_path / "o")], ("--optimize", "invalid choice")),
+                        (["--glide-inpaint", str(tmp_path / "o")], ("--glide-inpaint", "need --glide")),
+                        (["--glide", "base.pt", str(tmp_path / "o")], ("--glide-tokenizer",))):
         assert run_cli(["export", "onnx", *argv]) == 2
         one_error_line(capsys, *words)
     assert not no_loading and not (tmp_path / "o").exists()

@@ -297,9 +297,31 @@ def test_bad_export_requests_are_refused_before_any_work(small_pipe, tmp_path):
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
 
-def test_families_without_graphs_are_named(tmp_path):
-    from fastdiff.pipelines import GlidePipeline
+def test_pipelines_without_an_exporter_are_named(exported, tmp_path):
+    from fastdiff.pipelines.base import Pipeline
 
-    fake = GlidePipeline.__new__(GlidePipeline)
-    with pytest.raises(ValueError, match="GlidePipeline is not supported yet"):
-        fastdiff.export.onnx(fake, tmp_path / "g")
+    class Custom(Pipeline):
+        pass
+
+    with pytest.raises(ValueError, match="ONNX export of Custom is not supported"):
+        fastdiff.export.onnx(Custom.__new__(Custom), tmp_path / "c")
+    from fastdiff.pipelines import VQDiffusionPipeline  # no exporter yet: named, nothing written
+
+    with pytest.raises(ValueError, match="ONNX export of VQDiffusionPipeline is not supported"):
+        fastdiff.export.onnx(VQDiffusionPipeline.__new__(VQDiffusionPipeline), tmp_path / "c")
+    _, out, _ = exported
+    with pytest.raises(ValueError, match="already runs exported graphs"):
+        fastdiff.export.onnx(fastdiff.Pipeline.from_onnx(out), tmp_path / "o")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_tokenizer_folder_also_holds_the_slow_tokenizer_files(exported):
+    """vocab.json and merges.txt beside tokenizer.json, for transformers 4's slow CLIPTokenizer
+    (optimum's pin; scripts/check_optimum_onnx.py runs ORTStableDiffusionPipeline on such a folder)."""
+    pipe, out, _ = exported
+    folder = os.path.join(out, "tokenizer")
+    assert json.load(open(os.path.join(folder, "vocab.json"), encoding="utf-8")) == pipe.tokenizer.get_vocab()
+    lines = open(os.path.join(folder, "merges.txt"), encoding="utf-8").read().splitlines()
+    merges = json.load(open(os.path.join(folder, "tokenizer.json"), encoding="utf-8"))["model"]["merges"]
+    assert lines[0].startswith("#version") and lines[1:] == [m if isinstance(m, str) else " ".join(m)
+                                                             for m in merges]

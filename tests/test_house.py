@@ -25,7 +25,8 @@ MAX_LINES = 500  # STYLE.md #12: past ~500 lines a file is a sign to split along
 # - "data": the procedural datasets, plain tensors with no other fastdiff import; at the
 #   bottom, so any layer may read them and they depend on nothing.
 LAYERS = ("cli", "apps", "api", "pipelines", "loaders", "guidance", "sampling", "models", "ops", "data")
-CLI_MODULES = {"fastdiff.cli", "fastdiff.cli_args", "fastdiff.__main__", "fastdiff.eval.cli", "fastdiff.train.cli"}
+CLI_MODULES = {"fastdiff.cli", "fastdiff.cli_args", "fastdiff.__main__", "fastdiff.eval.cli", "fastdiff.train.cli",
+               "fastdiff.export.cli"}
 APPS = {"eval", "train", "export", "tools"}
 
 

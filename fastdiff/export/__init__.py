@@ -1,53 +1,105 @@
 """Export of fastdiff pipelines: ``fastdiff.export.onnx(pipe, out_dir)``.
 
-Stable Diffusion is exported today (fastdiff/export/stable_diffusion.py: optimum's folder
-layout and names, each graph checked against PyTorch in ONNX Runtime); GLIDE and
-VQ-Diffusion are refused by name until their graphs exist.
+Each family has an exporter module (``EXPORTERS``) that lists its graphs as GraphSpecs
+(fastdiff/export/graphs.py writes, checks and records them, in the dtype and shapes the
+options ask) and writes what its ONNX pipeline reads beside them:
+
+- Stable Diffusion (stable_diffusion.py): optimum's folder layout and names, plus step graphs;
+- GLIDE (glide.py): the text transformer, base and upsampler U-Nets (inpainting too);
+- VQ-Diffusion: not yet (refused as "not supported").
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-from .graphs import DEFAULT_OPSET
+from .graphs import DEFAULT_OPSET, DTYPES, ExportOptions
 
-# The lowest opset the exporter writes every graph in (torch.onnx's dynamo exporter).
+# The lowest opset the exporter writes every graph in (torch.onnx's dynamo exporter); at 21
+# and above, group_norm's twin is written as the standard GroupNormalization operator.
 MIN_OPSET = 18
+# The pipeline family (a class in the pipeline's MRO) -> its exporter module.
+EXPORTERS = {"StableDiffusionPipeline": "stable_diffusion", "GlidePipeline": "glide"}
+STATIC_KEYS = ("batch_size", "height", "width")
 
 
 def onnx(pipe, out_dir: Union[str, os.PathLike], *, opset: int = DEFAULT_OPSET, verify: bool = True,
-         step: Optional[Mapping[str, Sequence[int]]] = None,
+         dtype: str = "float32", io_dtype: Optional[str] = None, static: Optional[Mapping[str, int]] = None,
+         optimize: Optional[str] = None, step: Optional[Mapping[str, Sequence[int]]] = None,
          progress: Optional[Callable[[str], None]] = None) -> dict:
     """Export `pipe`'s networks to ONNX under `out_dir` and return the manifest (also written
-    there as fastdiff_onnx.json). verify=True runs each graph in ONNX Runtime on inputs of
-    another shape and holds it to the PyTorch module (within float32's rounding, graphs.verify).
+    there as fastdiff_onnx.json). Everything is checked before anything is written.
 
-    step={"dpmpp_2m": [20, 50], ...} also writes, per sampler, the whole guided step (the UNet
-    on the CFG batch + guided_step's formula) as one graph, with the coefficient table of each
-    step count (fastdiff/export/step.py), so a plain ONNX Runtime loop samples."""
-    from ..pipelines import StableDiffusionPipeline
+    verify=True runs each graph in ONNX Runtime on inputs of another shape and holds it to
+    the PyTorch module (within float32's, or float16's, rounding: graphs.verify).
+    dtype "float32" or "float16" (the VAEs and the ops' softmax / statistics stay float32);
+    io_dtype: the graphs' floating inputs and outputs (default: dtype).
+    static={"batch_size": N, "height": H, "width": W}: every axis fixed (images per call and
+    their size in pixels; the guided networks take 2N), which some runtimes run faster;
+    default: dynamic batch, height and width.
+    optimize="cuda": after the check, ONNX Runtime's transformer optimiser fuses GroupNorm and
+    attention into contrib ops that only its CUDA execution provider runs.
+    step={"dpmpp_2m": [20, 50], ...} (Stable Diffusion) also writes, per sampler, the whole
+    guided step (the UNet on the CFG batch + guided_step's formula) as one graph, with the
+    coefficient table of each step count (fastdiff/export/step.py)."""
     from ..pipelines.base import Pipeline
 
     if not isinstance(pipe, Pipeline):
         raise TypeError(f"pipe must be a fastdiff pipeline, got {type(pipe).__name__}")
+    options = check_options(opset=opset, verify=verify, dtype=dtype, io_dtype=io_dtype, static=static,
+                            optimize=optimize)
+    out_dir = check_out_dir(out_dir)
+    require_packages(verify or optimize is not None)
+    step = _check_step(step)
+    exporter = exporter_for(pipe)
+    exporter.check_exportable(pipe, options, step)  # every refusal before anything is written
+    os.makedirs(out_dir, exist_ok=True)
+    return exporter.export(pipe, out_dir, options, progress=progress, step=step)
+
+
+def exporter_for(pipe):
+    """The exporter module of `pipe`'s family; ValueError naming the class when there is none."""
+    if getattr(pipe, "is_onnx", False):
+        raise ValueError(f"{type(pipe).__name__} already runs exported graphs; export the PyTorch pipeline")
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in EXPORTERS:
+            return importlib.import_module(f".{EXPORTERS[cls.__name__]}", __name__)
+    raise ValueError(f"ONNX export of {type(pipe).__name__} is not supported; fastdiff exports "
+                     f"{', '.join(EXPORTERS)}")
+
+
+def check_options(*, opset=DEFAULT_OPSET, verify=True, dtype="float32", io_dtype=None, static=None,
+                  optimize=None) -> ExportOptions:
+    """The export keywords as ExportOptions; TypeError / ValueError naming the first bad one."""
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}")
-    out_dir = check_out_dir(out_dir)
-    require_packages(verify)
-    step = _check_step(step)
-    if not isinstance(pipe, StableDiffusionPipeline):
-        raise ValueError(f"ONNX export of {type(pipe).__name__} is not supported yet; fastdiff exports "
-                         f"StableDiffusionPipeline")
-    from . import stable_diffusion
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
+    dtype = _dtype_name("dtype", dtype)
+    io_dtype = None if io_dtype is None else _dtype_name("io_dtype", io_dtype)
+    if static is not None:
+        if not isinstance(static, Mapping):
+            raise TypeError(f"static must map {', '.join(STATIC_KEYS)} to sizes, got {type(static).__name__}")
+        unknown = sorted(set(static) - set(STATIC_KEYS))
+        if unknown:
+            raise ValueError(f"static takes {', '.join(STATIC_KEYS)}, not {', '.join(map(str, unknown))}")
+        for key, value in static.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"static[{key!r}] must be a positive integer, got {value!r}")
+        static = dict(static)
+    if optimize not in (None, "cuda"):
+        raise ValueError(f"optimize must be None or 'cuda' (ONNX Runtime's fused ops for its CUDA provider), "
+                         f"got {optimize!r}")
+    return ExportOptions(opset=opset, dtype=dtype, io_dtype=io_dtype, static=static, verify=verify,
+                         optimize=optimize)
 
-    from .step import plan_table
 
-    stable_diffusion.check_exportable(pipe)
-    for sampler, counts in step.items():
-        for n in counts:  # every table's plan built (and so checked) before anything is written
-            plan_table(pipe, sampler, n)
-    os.makedirs(out_dir, exist_ok=True)
-    return stable_diffusion.export(pipe, out_dir, opset=opset, verify_graphs=verify, progress=progress, step=step)
+def _dtype_name(name: str, value) -> str:
+    for key, torch_dtype in DTYPES.items():
+        if value == key or value is torch_dtype:
+            return key
+    raise ValueError(f"{name} must be 'float32' or 'float16', got {value!r}")
 
 
 def check_out_dir(out_dir: Union[str, os.PathLike]) -> str:
@@ -61,7 +113,8 @@ def check_out_dir(out_dir: Union[str, os.PathLike]) -> str:
 
 
 def require_packages(verify: bool = True) -> None:
-    """RuntimeError naming what to install when the exporter (or, to verify, ONNX Runtime) is missing."""
+    """RuntimeError naming what to install when the exporter (or, to verify or optimise, ONNX
+    Runtime) is missing."""
     import importlib.util
 
     needed = ("onnx", "onnxscript") + (("onnxruntime",) if verify else ())
@@ -87,4 +140,4 @@ def _check_step(step) -> dict:
     return checked
 
 
-__all__ = ["onnx", "check_out_dir", "require_packages", "DEFAULT_OPSET"]
+__all__ = ["onnx", "check_options", "check_out_dir", "exporter_for", "require_packages", "DEFAULT_OPSET", "EXPORTERS"]

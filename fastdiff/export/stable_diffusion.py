@@ -10,19 +10,18 @@
     out/vae_decoder/model.onnx      latent_sample -> sample
     out/fastdiff_onnx.json          the manifest: opset, dtype, shapes, the error each graph was verified to
 
-Batch, height, width and the text length are dynamic axes.
+Batch, height, width and the text length are dynamic axes, unless the export is static.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import List
 
 import torch
 from torch import nn
 
-from .graphs import DEFAULT_OPSET, GraphRecord, export_graph, verify
+from .graphs import ExportOptions, GraphSpec, write_graph, write_index_and_manifest
 
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -65,8 +64,8 @@ class _VaeDecoder(nn.Module):
         return self.vae.decode(latent_sample)
 
 
-def _graphs(pipe):
-    """(name, module, trace inputs, check inputs (another shape), input axes, output names and axes)."""
+def _graphs(pipe, options: ExportOptions) -> List[GraphSpec]:
+    """The four graphs: traced on one shape, checked on another (on the fixed shape when static)."""
     unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
     f = pipe.vae_scale_factor
     channels, latent = unet.config["in_channels"], vae.config["latent_channels"]
@@ -77,88 +76,121 @@ def _graphs(pipe):
     def rand(*shape):
         return torch.randn(*shape, generator=g)
 
-    ids = lambda b, n: torch.randint(0, text.config.vocab_size, (b, n), generator=g)  # noqa: E731
+    def ids(b, n):
+        return torch.randint(0, text.config.vocab_size, (b, n), generator=g)
+
+    # (batch, latent height, latent width) traced, then checked.
+    if options.static:
+        n, h, w = options.static["batch_size"], options.static["height"] // f, options.static["width"] // f
+        shapes = [(n, h, w), (n, h, w)]
+    else:
+        shapes = [(2, 8, 8), (3, 4, 8)]
+
+    def inputs(n, h, w, t):
+        return dict(
+            text_encoder=dict(input_ids=ids(n, length)),
+            unet=dict(sample=rand(2 * n, channels, h, w), timestep=torch.tensor([t]),
+                      encoder_hidden_states=rand(2 * n, length, width)),
+            vae_encoder=dict(sample=rand(n, 3, h * f, w * f)),
+            vae_decoder=dict(latent_sample=rand(n, latent, h, w)))
+
+    trace, check = inputs(*shapes[0], 500.0), inputs(*shapes[1], 37.0)
     image_axes = {0: "batch_size", 2: "height", 3: "width"}
-    return [
-        ("text_encoder", _TextEncoder(text), dict(input_ids=ids(2, length)), dict(input_ids=ids(3, length)),
-         {"input_ids": {0: "batch_size", 1: "sequence_length"}},
-         {"last_hidden_state": {0: "batch_size", 1: "sequence_length"}, "pooler_output": {0: "batch_size"}}),
-        ("unet", _UNet(unet),
-         dict(sample=rand(2, channels, 8, 8), timestep=torch.tensor([500.0]), encoder_hidden_states=rand(2, length, width)),
-         dict(sample=rand(3, channels, 16, 8), timestep=torch.tensor([37.0]), encoder_hidden_states=rand(3, length, width)),
-         {"sample": image_axes, "timestep": {},  # one timestep for the batch, [1], as optimum feeds it
-          "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
-         {"out_sample": image_axes}),
-        ("vae_encoder", _VaeEncoder(vae), dict(sample=rand(2, 3, 8 * f, 8 * f)), dict(sample=rand(3, 3, 4 * f, 8 * f)),
-         {"sample": image_axes}, {"latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}}),
-        ("vae_decoder", _VaeDecoder(vae), dict(latent_sample=rand(2, latent, 8, 8)),
-         dict(latent_sample=rand(3, latent, 4, 8)),
-         {"latent_sample": {0: "batch_size", 2: "height_latent", 3: "width_latent"}}, {"sample": image_axes}),
-    ]
-
-
-def _shape(t: torch.Tensor, axes) -> List[str]:
-    return [axes.get(i, str(n)) for i, n in enumerate(t.shape)]
-
-
-def check_exportable(pipe) -> None:
-    """ValueError, before anything is written, for a pipeline this exporter cannot trace."""
-    if pipe.dtype != torch.float32:
-        raise ValueError(f"ONNX export runs on a float32 pipeline (this one is {pipe.dtype}); call "
-                         f"pipe.to(dtype=torch.float32) first")
-    if pipe.device.type != "cpu":
-        raise ValueError(f"ONNX export traces on the CPU (the pipeline is on {pipe.device}); call pipe.to('cpu') first")
-
-
-def export(pipe, out_dir: str, *, opset: int = DEFAULT_OPSET, verify_graphs: bool = True,
-           progress=None, step=None) -> dict:
-    """Write the folder (see the module docstring); returns the manifest. step: {sampler:
-    [step counts]} also writes each sampler's step graph and tables (fastdiff/export/step.py)."""
-    check_exportable(pipe)
-    records = []
-    for name, module, trace, check, in_axes, outputs in _graphs(pipe):
-        if progress:
-            progress(f"exporting {name}")
-        path = os.path.join(out_dir, name, "model.onnx")
-        export_graph(module, list(trace.values()), path, input_names=list(trace), output_names=list(outputs),
-                     dynamic_axes={**in_axes}, opset=opset)
-        record = GraphRecord(name, f"{name}/model.onnx",
-                             inputs={k: _shape(v, in_axes.get(k, {})) for k, v in trace.items()},
-                             outputs={k: [axes.get(i, "?") for i in range(max(axes, default=-1) + 1)]
-                                      for k, axes in outputs.items()})
-        if verify_graphs:
-            verify(path, module, check, list(outputs), record)
-        records.append(record)
+    latent_axes = {0: "batch_size", 2: "height_latent", 3: "width_latent"}
+    axes = dict(
+        text_encoder=({"input_ids": {0: "batch_size", 1: "sequence_length"}},
+                      {"last_hidden_state": {0: "batch_size", 1: "sequence_length"}, "pooler_output": {0: "batch_size"}}),
+        # one timestep for the batch, [1], as optimum feeds it
+        unet=({"sample": image_axes, "timestep": {}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
+              {"out_sample": image_axes}),
+        vae_encoder=({"sample": image_axes}, {"latent_parameters": latent_axes}),
+        vae_decoder=({"latent_sample": latent_axes}, {"sample": image_axes}))
+    modules = dict(text_encoder=_TextEncoder(text), unet=_UNet(unet), vae_encoder=_VaeEncoder(vae),
+                   vae_decoder=_VaeDecoder(vae))
     # Each graph's folder holds its network's config, as optimum's do; fastdiff's ONNX
     # pipeline reads its sizes from them.
-    configs = dict(unet=dict(pipe.unet.config), vae_encoder=dict(pipe.vae.config), vae_decoder=dict(pipe.vae.config),
-                   text_encoder=pipe.text_encoder.config.to_dict())
-    for name, config in configs.items():
-        with open(os.path.join(out_dir, name, "config.json"), "w") as fh:
-            json.dump(config, fh, indent=2, default=str)
-    pipe.tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    configs = dict(text_encoder=text.config.to_dict(), unet=dict(unet.config), vae_encoder=dict(vae.config),
+                   vae_decoder=dict(vae.config))
+    optimizer = dict(text_encoder="clip", unet="unet", vae_encoder="vae", vae_decoder="vae")
+    # In float16 only the UNet, which runs every step, is float16: the VAE stays float32
+    # (float16 VAEs overflow into NaNs and black images), and so does the text encoder, which
+    # runs once per call and whose attention (transformers' CLIP) would take its softmax in
+    # float16.
+    return [GraphSpec(name, modules[name], trace[name], check[name], axes[name][0], axes[name][1],
+                      keep_fp32=name != "unet", config=configs[name], optimizer_type=optimizer[name])
+            for name in GRAPHS]
+
+
+def check_exportable(pipe, options: ExportOptions, step) -> None:
+    """ValueError, before anything is written, for a pipeline or options this exporter cannot take."""
+    if pipe.dtype != torch.float32:
+        raise ValueError(f"ONNX export traces a float32 pipeline (this one is {pipe.dtype}; ask for float16 "
+                         f"graphs with dtype='float16'); call pipe.to(dtype=torch.float32) first")
+    if pipe.device.type != "cpu":
+        raise ValueError(f"ONNX export traces on the CPU (the pipeline is on {pipe.device}); call pipe.to('cpu') first")
+    if options.static:
+        missing = [k for k in ("batch_size", "height", "width") if k not in options.static]
+        if missing:
+            raise ValueError(f"a static Stable Diffusion export needs batch_size, height and width; "
+                             f"missing {', '.join(missing)}")
+        from ..pipelines import arguments as A
+
+        f = pipe.vae_scale_factor
+        native = pipe.unet.config["sample_size"] * f
+        for name in ("height", "width"):
+            A.check_image_size(f"static[{name!r}]", options.static[name], multiple=f, largest=8 * native,
+                               native=native)
+        if step:
+            raise ValueError("step graphs are exported with dynamic shapes only; drop static or step")
+    if step and options.dtype != "float32":
+        raise ValueError("step graphs are exported in float32 only; drop dtype='float16' or step")
+    from .step import plan_table
+
+    for sampler, counts in (step or {}).items():
+        for n in counts:  # every table's plan built (and so checked) before anything is written
+            plan_table(pipe, sampler, n)
+
+
+def write_tokenizer(tokenizer, folder: str) -> None:
+    """save_pretrained, plus the vocab.json and merges.txt that the slow CLIPTokenizer of
+    transformers 4 (which optimum's ORT pipelines pin) reads: transformers 5 writes only
+    tokenizer.json, whose BPE model holds both."""
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as fh:
+        model = json.load(fh)["model"]
+    if not os.path.exists(os.path.join(folder, "vocab.json")):
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as fh:
+            json.dump(model["vocab"], fh, ensure_ascii=False)
+    if not os.path.exists(os.path.join(folder, "merges.txt")):
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as fh:
+            fh.write("#version: 0.2\n")
+            fh.writelines((m if isinstance(m, str) else " ".join(m)) + "\n" for m in model["merges"])
+
+
+def export(pipe, out_dir: str, options: ExportOptions, *, progress=None, step=None) -> dict:
+    """Write the folder (see the module docstring); returns the manifest. step: {sampler:
+    [step counts]} also writes each sampler's step graph and tables (fastdiff/export/step.py)."""
+    records = []
+    for spec in _graphs(pipe, options):
+        if progress:
+            progress(f"exporting {spec.name}")
+        records.append(write_graph(spec, out_dir, options))
+    write_tokenizer(pipe.tokenizer, os.path.join(out_dir, "tokenizer"))
     scheduler = os.path.join(out_dir, "scheduler")
     os.makedirs(scheduler, exist_ok=True)
     with open(os.path.join(scheduler, "scheduler_config.json"), "w") as fh:
         json.dump(pipe.scheduler_config.to_dict(), fh, indent=2)
     index = {"_class_name": "ORTStableDiffusionPipeline", "_fastdiff_family": "StableDiffusionPipeline",
              **{name: ["diffusers", "OnnxRuntimeModel"] for name in GRAPHS},
-             "scheduler": ["diffusers", pipe.scheduler_config.class_name or "PNDMScheduler"], "tokenizer": ["transformers", "CLIPTokenizer"]}
-    if pipe.folder_defaults:
-        index["_fastdiff_defaults"] = dict(pipe.folder_defaults)
-    with open(os.path.join(out_dir, "model_index.json"), "w") as fh:
-        json.dump(index, fh, indent=2)
+             "scheduler": ["diffusers", pipe.scheduler_config.class_name or "PNDMScheduler"],
+             "tokenizer": ["transformers", "CLIPTokenizer"]}
     step_graphs = []
     for sampler, counts in (step or {}).items():
         if progress:
             progress(f"exporting the {sampler} step")
         from .step import export_step
 
-        step_graphs.append(export_step(pipe, out_dir, sampler, counts, opset=opset, verify_graph=verify_graphs))
-    manifest = dict(format="fastdiff-onnx", version=1, family="StableDiffusionPipeline", opset=opset,
-                    dtype="float32", verified=verify_graphs, graphs=[r.as_dict() for r in records],
-                    step_graphs=step_graphs, vae_scaling_factor=pipe.vae.scaling_factor)
-    with open(os.path.join(out_dir, "fastdiff_onnx.json"), "w") as fh:
-        json.dump(manifest, fh, indent=2)
-    return manifest
-
+        step_graphs.append(export_step(pipe, out_dir, sampler, counts, opset=options.opset,
+                                       verify_graph=options.verify))
+    return write_index_and_manifest(out_dir, pipe, index, "StableDiffusionPipeline", options, records,
+                                    step_graphs=step_graphs, vae_scaling_factor=pipe.vae.scaling_factor)

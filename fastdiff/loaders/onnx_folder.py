@@ -5,13 +5,14 @@ networks run in ONNX Runtime: they take and return torch tensors, so fastdiff's 
 On the CPU, ONNX Runtime's thread pool takes torch's thread count with spinning off: the
 networks and torch's sampler step run one after the other, so the two pools take turns
 instead of spinning against each other. I/O binding on CUDA is not done yet: inputs and
-outputs pass through host memory.
+outputs pass through host memory. The manifest is checked against the graphs present (names,
+ranks), and a static graph's sizes against each call before any work.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,8 +25,9 @@ MANIFEST = "fastdiff_onnx.json"
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
-def read_manifest(path: str) -> Dict[str, Any]:
-    """The folder's manifest, checked against the graphs present."""
+def read_manifest(path: str, family: Optional[str] = None, graphs: Sequence[str] = GRAPHS) -> Dict[str, Any]:
+    """The folder's manifest, checked: its format, its family (when given), the `graphs` it must
+    list and that every file it lists is present. Errors name the file."""
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no {MANIFEST}; this is not a folder written by fastdiff.export.onnx")
@@ -36,15 +38,32 @@ def read_manifest(path: str) -> Dict[str, Any]:
         raise ValueError(f"{file}: not a readable JSON manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "fastdiff-onnx":
         raise ValueError(f"{file}: not a fastdiff ONNX manifest")
-    for graph in manifest.get("graphs", []):
-        graph_file = os.path.join(path, graph.get("file", ""))
+    if family is not None and manifest.get("family") != family:
+        raise ValueError(f"{file}: the manifest is of a {manifest.get('family')!r} export, not {family!r}")
+    listed = manifest.get("graphs")
+    if not isinstance(listed, list) or not all(isinstance(g, dict) and isinstance(g.get("file"), str) for g in listed):
+        raise ValueError(f"{file}: 'graphs' must list the exported graphs (name, file, inputs, outputs)")
+    for graph in listed:
+        graph_file = os.path.join(path, graph["file"])
         if not os.path.isfile(graph_file):
-            raise FileNotFoundError(f"{path}: the manifest lists {graph.get('file')!r}, which is missing")
-    names = [g.get("name") for g in manifest.get("graphs", [])]
-    missing = [name for name in GRAPHS if name not in names]
+            raise FileNotFoundError(f"{path}: the manifest lists {graph['file']!r}, which is missing")
+    names = [g.get("name") for g in listed]
+    missing = [name for name in graphs if name not in names]
     if missing:
         raise ValueError(f"{file}: the manifest has no {', '.join(missing)} graph")
     return manifest
+
+
+def graph_files(path: str, manifest: Dict[str, Any]) -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    """{graph name: (its file, its manifest record)}."""
+    return {g["name"]: (os.path.join(path, g["file"]), g) for g in manifest["graphs"]}
+
+
+def check_providers(path: str, manifest: Dict[str, Any], providers: Sequence[str]) -> None:
+    """A folder optimised for ONNX Runtime's CUDA provider (contrib ops) runs on that provider only."""
+    if manifest.get("optimized") == "cuda" and "CUDAExecutionProvider" not in providers:
+        raise ValueError(f"{path}: the graphs were optimised for CUDAExecutionProvider (fused contrib ops with "
+                         f"CUDA kernels only); give providers=['CUDAExecutionProvider'] or export without optimize")
 
 
 def _session(file: str, providers: Sequence[str]):
@@ -53,42 +72,89 @@ def _session(file: str, providers: Sequence[str]):
     except ImportError:
         raise RuntimeError("running ONNX graphs needs ONNX Runtime: pip install onnxruntime "
                            "(onnxruntime-gpu on a machine with an NVIDIA GPU)") from None
+    if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
+        raise TypeError(f"providers must be a list of ONNX Runtime provider names, got {providers!r}")
     available = ort.get_available_providers()
     unknown = [p for p in providers if p not in available]
     if unknown:
         raise ValueError(f"providers {unknown} are not available in this ONNX Runtime; available: {available}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # The networks and torch's sampler step run one after the other: ORT's pool takes torch's
+    # thread count, with spinning off so neither pool burns the cores the other needs.
     options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(file, options, providers=list(providers))
     except Exception as exc:  # ONNX Runtime's own errors (a corrupt or truncated graph)
         raise ValueError(f"{file}: ONNX Runtime cannot load it ({' '.join(str(exc).split())[:300]})") from None
 
 
-class _Graph:
-    """One ONNX Runtime session called with torch tensors."""
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+          "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
-    def __init__(self, file: str, providers: Sequence[str], config: Dict[str, Any]):
+
+class _Graph:
+    """One ONNX Runtime session called with torch tensors (cast to the graph's input types;
+    floating outputs come back as float32)."""
+
+    def __init__(self, file: str, providers: Sequence[str], config: Dict[str, Any],
+                 record: Optional[Dict[str, Any]] = None):
         self.file, self.session, self.config = file, _session(file, providers), config
-        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        if record is not None:
+            self._check_record(record)
+
+    def _check_record(self, record: Dict[str, Any]) -> None:
+        """The graph's inputs and outputs as the manifest recorded them (names and ranks)."""
+        for kind, declared, actual in (("inputs", record.get("inputs"), {n: i.shape for n, i in self.inputs.items()}),
+                                       ("outputs", record.get("outputs"),
+                                        {o.name: o.shape for o in self.session.get_outputs()})):
+            if not isinstance(declared, dict) or list(declared) != list(actual):
+                raise ValueError(f"{self.file}: its {kind} {list(actual)} do not match the manifest's "
+                                 f"{list(declared) if isinstance(declared, dict) else declared!r}")
+            for name, shape in actual.items():
+                if not isinstance(declared[name], list) or len(declared[name]) != len(shape):
+                    raise ValueError(f"{self.file}: {kind[:-1]} {name!r} has rank {len(shape)} but the manifest "
+                                     f"records {declared[name]!r}")
+
+    def fixed_shape(self, name: str) -> Optional[Tuple[int, ...]]:
+        """The input's shape when every axis is fixed (a static export), else None."""
+        shape = self.inputs[name].shape
+        return tuple(shape) if all(isinstance(d, int) for d in shape) else None
+
+    def check_shape(self, name: str, shape: Sequence[int], what: str) -> None:
+        """ValueError, before any work, when a static graph cannot take `shape` at input `name`."""
+        fixed = self.fixed_shape(name)
+        if fixed is not None and tuple(fixed) != tuple(shape):
+            raise ValueError(f"{self.file} was exported with static shapes: its {name} is {list(fixed)}, but this "
+                             f"call needs {list(shape)} ({what}); call with the exported sizes or export again")
 
     def run(self, **inputs: Tensor) -> List[Tensor]:
         feeds = {}
         for name, t in inputs.items():
             array = t.detach().cpu().numpy()
-            if self.input_types.get(name) == "tensor(float)":
-                array = array.astype(np.float32, copy=False)
-            elif self.input_types.get(name) == "tensor(int64)":
-                array = array.astype(np.int64, copy=False)
-            feeds[name] = array
-        return [torch.from_numpy(np.ascontiguousarray(out)) for out in self.session.run(None, feeds)]
+            kind = _NUMPY.get(self.inputs[name].type) if name in self.inputs else None
+            feeds[name] = array.astype(kind, copy=False) if kind is not None else array
+        outs = []
+        for out in self.session.run(None, feeds):
+            t = torch.from_numpy(np.ascontiguousarray(out))
+            outs.append(t.float() if t.is_floating_point() else t)
+        return outs
 
 
 class OnnxUNet(_Graph):
     """``unet(sample, timestep, encoder_hidden_states=...)`` on the exported graph, whose
     timestep is one value for the whole batch (shape [1], as optimum feeds it)."""
+
+    def check_call(self, batch: int, height: int, width: int) -> None:
+        """The UNet batch and latent size a generate() call will run, against a static graph."""
+        channels = self.config.get("in_channels", 4)
+        self.check_shape("sample", (batch, channels, height, width),
+                         f"{batch} latents of {height}x{width} per UNet call, the guided batch twice the images")
 
     def __call__(self, sample: Tensor, timestep, encoder_hidden_states: Tensor) -> Tensor:
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
@@ -124,8 +190,8 @@ class _TextConfig:
 class OnnxTextEncoder(_Graph):
     """``text_encoder(input_ids)[0]`` -> last_hidden_state, as transformers' CLIPTextModel."""
 
-    def __init__(self, file, providers, config):
-        super().__init__(file, providers, config)
+    def __init__(self, file, providers, config, record=None):
+        super().__init__(file, providers, config, record)
         self.config = _TextConfig(config)
 
     def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
@@ -149,15 +215,18 @@ def _config(path: str, name: str) -> Dict[str, Any]:
 def load_stable_diffusion(path: str, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Dict[str, Any]:
     """The keyword arguments of the ONNX Stable Diffusion pipeline, read from `path`."""
     path = os.fspath(path)
-    manifest = read_manifest(path)
-    if manifest.get("family") != "StableDiffusionPipeline":
-        raise ValueError(f"{path}: the manifest's family {manifest.get('family')!r} has no ONNX pipeline")
-    files = {g["name"]: os.path.join(path, g["file"]) for g in manifest["graphs"]}
+    manifest = read_manifest(path, "StableDiffusionPipeline", GRAPHS)
+    check_providers(path, manifest, providers)
+    files = graph_files(path, manifest)
+
+    def graph(kind, name, config_name=None):
+        file, record = files[name]
+        return kind(file, providers, _config(path, config_name or name), record)
+
     scheduler = SchedulerConfig.from_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     return dict(
-        unet=OnnxUNet(files["unet"], providers, _config(path, "unet")),
-        vae=OnnxVAE(_Graph(files["vae_encoder"], providers, _config(path, "vae_encoder")),
-                    _Graph(files["vae_decoder"], providers, _config(path, "vae_decoder"))),
-        text_encoder=OnnxTextEncoder(files["text_encoder"], providers, _config(path, "text_encoder")),
+        unet=graph(OnnxUNet, "unet"),
+        vae=OnnxVAE(graph(_Graph, "vae_encoder"), graph(_Graph, "vae_decoder")),
+        text_encoder=graph(OnnxTextEncoder, "text_encoder"),
         tokenizer=folder_io.load_tokenizer(path),
         scheduler_config=scheduler)

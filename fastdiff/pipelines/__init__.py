@@ -7,6 +7,7 @@ such folders; each family module registers itself there when imported (below).
 from .base import PIPELINES, Pipeline
 from .glide import GlidePipeline
 from .onnx import OnnxStableDiffusionPipeline
+from .onnx_glide import OnnxGlidePipeline  # noqa: F401  (registers OnnxGlidePipeline)
 from .stable_diffusion import StableDiffusionPipeline
 from .vq_diffusion import VQDiffusionPipeline
 

@@ -121,9 +121,23 @@ class Pipeline(metaclass=_PipelineFactory):
 
     @classmethod
     def from_onnx(cls, path: Union[str, os.PathLike], providers=None) -> "Pipeline":
-        """A folder written by fastdiff.export.onnx, its networks in ONNX Runtime (`providers`:
-        ONNX Runtime execution providers, default the CPU's); see pipelines/onnx.py."""
-        return PIPELINES["ORTStableDiffusionPipeline"].from_onnx(path, providers=providers)
+        """A folder written by fastdiff.export.onnx (any family), its networks in ONNX Runtime
+        (`providers`: ONNX Runtime execution providers, default the CPU's); see pipelines/onnx.py."""
+        from ..loaders.diffusers_folder import read_model_index
+
+        path = os.fspath(path)
+        index = read_model_index(path)
+        family = PIPELINES.get(index.get("_class_name"))
+        if family is None or not getattr(family, "is_onnx", False):
+            onnx_names = ", ".join(n for n, c in PIPELINES.items() if getattr(c, "is_onnx", False))
+            raise ValueError(f"{path}: not an exported ONNX folder (model_index.json names "
+                             f"{index.get('_class_name')!r}, not one of {onnx_names}); write one with "
+                             f"fastdiff.export.onnx")
+        if not issubclass(family, cls):
+            raise ValueError(f"{path} holds a {family.__name__}, not a {cls.__name__} (use fastdiff.Pipeline.from_onnx)")
+        pipe = family(**family.load_components(path, providers=providers))
+        pipe.set_folder_defaults(index.get(FOLDER_DEFAULTS_KEY), os.path.join(path, "model_index.json"))
+        return pipe
 
     @classmethod
     def from_glide(cls, base, upsampler=None, *, tokenizer, inpaint: bool = False, clip=None, options=None,

@@ -5,48 +5,42 @@ The same generate() (arguments, samplers, seeds, outputs) as the PyTorch pipelin
 sampling loop and fused guided_step stay in charge, only the text encoder, UNet and VAE run
 as graphs. What needs the PyTorch modules is refused: cond_fn (a gradient through the
 sample), cuda_graph, clip_skip (the graph returns the last hidden state only), to().
+OnnxPipelineMixin holds what the families' ONNX pipelines share (pipelines/onnx_glide.py,
+pipelines/onnx_vq_diffusion.py).
 """
 from __future__ import annotations
 
 import os
 import types
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 
-from .base import FOLDER_DEFAULTS_KEY, register_pipeline
+from .base import register_pipeline
 from .stable_diffusion import StableDiffusionPipeline
 
 
-@register_pipeline("ORTStableDiffusionPipeline")
-class OnnxStableDiffusionPipeline(StableDiffusionPipeline):
-    """StableDiffusionPipeline over ONNX Runtime sessions (float32, on the CPU or an ORT provider)."""
+class OnnxPipelineMixin:
+    """What every ONNX pipeline shares (first in the bases, before the family's class): its
+    tensors live on the CPU, it cannot be moved or cast, and arguments that need the PyTorch
+    modules are refused by name before any work."""
 
+    is_onnx = True
     providers: Sequence[str] = ("CPUExecutionProvider",)
+    # (argument, why ONNX cannot take it), refused when given and truthy.
+    onnx_refusals: Tuple[Tuple[str, str], ...] = (
+        ("cond_fn", "it differentiates through the sample, and the graphs have no gradients"),
+        ("cuda_graph", "the graphs run in ONNX Runtime, not in captured CUDA graphs"),
+    )
 
     @classmethod
-    def load_components(cls, path, *, device=None, dtype=None, providers=None) -> dict:
-        from ..loaders.onnx_folder import load_stable_diffusion
-
+    def check_load_arguments(cls, device=None, dtype=None) -> None:
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError("an ONNX pipeline's tensors live on the CPU; choose the GPU with "
                              "providers=['CUDAExecutionProvider']")
         if dtype is not None and dtype != torch.float32:
-            raise ValueError(f"the exported graphs are float32, not {dtype}")
-        return load_stable_diffusion(path, providers or cls.providers)
-
-    @classmethod
-    def from_onnx(cls, path, providers=None) -> "OnnxStableDiffusionPipeline":
-        from ..loaders.diffusers_folder import read_model_index
-
-        path = os.fspath(path)
-        index = read_model_index(path)
-        if index.get("_class_name") != "ORTStableDiffusionPipeline":
-            raise ValueError(f"{path}: not an exported ONNX folder (model_index.json names "
-                             f"{index.get('_class_name')!r}); write one with fastdiff.export.onnx")
-        pipe = cls(**cls.load_components(path, providers=providers))
-        pipe.set_folder_defaults(index.get(FOLDER_DEFAULTS_KEY), os.path.join(path, "model_index.json"))
-        return pipe
+            raise ValueError(f"an ONNX pipeline takes and returns float32 tensors, not {dtype} (export "
+                             f"with dtype='float16' for float16 graphs)")
 
     @property
     def device(self) -> torch.device:
@@ -64,9 +58,26 @@ class OnnxStableDiffusionPipeline(StableDiffusionPipeline):
         raise ValueError("fuse_qkv_projections changes PyTorch modules; an ONNX pipeline has none")
 
     def check_family(self, a: types.SimpleNamespace) -> None:
-        for name, why in (("cond_fn", "it differentiates through the sample"),
-                          ("cuda_graph", "the graphs run in ONNX Runtime"),
-                          ("clip_skip", "the exported text encoder returns its last hidden state only")):
+        for name, why in self.onnx_refusals:
             if getattr(a, name, None):
                 raise ValueError(f"{name} is not available on an ONNX pipeline: {why}")
         super().check_family(a)
+
+
+@register_pipeline("ORTStableDiffusionPipeline")
+class OnnxStableDiffusionPipeline(OnnxPipelineMixin, StableDiffusionPipeline):
+    """StableDiffusionPipeline over ONNX Runtime sessions (on the CPU or an ORT provider)."""
+
+    onnx_refusals = OnnxPipelineMixin.onnx_refusals + (
+        ("clip_skip", "the exported text encoder returns its last hidden state only"),)
+
+    @classmethod
+    def load_components(cls, path, *, device=None, dtype=None, providers=None) -> dict:
+        from ..loaders.onnx_folder import load_stable_diffusion
+
+        cls.check_load_arguments(device, dtype)
+        return load_stable_diffusion(path, providers or cls.providers)
+
+    def check_family(self, a: types.SimpleNamespace) -> None:
+        super().check_family(a)
+        self.unet.check_call(a.batch * (2 if a.guided else 1), a.shape[2], a.shape[3])
