@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .graphs import ExportOptions, GraphSpec, _Cast, write_graph, write_index_and_manifest
+from .graphs import ExportOptions, GraphSpec, _Cast, write_graphs, write_index_and_manifest
 
 CLIP_NOT_EXPORTED = ("not exported: CLIP guidance differentiates through the noised CLIP, which ONNX graphs "
                      "cannot; the ONNX pipeline refuses clip_guidance_scale")
@@ -214,11 +214,7 @@ def write_tokenizer(tokenizer, folder: str) -> None:
 
 def export(pipe, out_dir: str, options: ExportOptions, *, progress=None, step=None) -> dict:
     """Write the folder (see the module docstring); returns the manifest."""
-    records = []
-    for spec in _graphs(pipe, options):
-        if progress:
-            progress(f"exporting {spec.name}")
-        records.append(write_graph(spec, out_dir, options))
+    records = write_graphs(_graphs(pipe, options), out_dir, options, progress)
     write_tokenizer(pipe.tokenizer, os.path.join(out_dir, "tokenizer"))
     index = {"_class_name": "OnnxGlidePipeline", "_fastdiff_family": "GlidePipeline",
              **{r.name: ["fastdiff", "OnnxRuntimeModel"] for r in records},

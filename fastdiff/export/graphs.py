@@ -291,6 +291,16 @@ def optimize_for_cuda(path: str, model_type: str, module: nn.Module) -> None:
 MANIFEST = "fastdiff_onnx.json"
 
 
+def write_graphs(specs, out_dir: str, options: ExportOptions, progress=None) -> List[GraphRecord]:
+    """write_graph for each spec in turn, naming each to `progress` first; their records."""
+    records = []
+    for spec in specs:
+        if progress:
+            progress(f"exporting {spec.name}")
+        records.append(write_graph(spec, out_dir, options))
+    return records
+
+
 def write_index_and_manifest(out_dir: str, pipe, index: Dict[str, Any], family: str, options: ExportOptions,
                              records: Sequence[GraphRecord], **extra) -> dict:
     """model_index.json (`index`, plus the pipeline's folder defaults) and the manifest, which

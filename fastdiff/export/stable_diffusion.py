@@ -21,7 +21,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .graphs import ExportOptions, GraphSpec, write_graph, write_index_and_manifest
+from .graphs import ExportOptions, GraphSpec, write_graphs, write_index_and_manifest
 
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -170,11 +170,7 @@ def write_tokenizer(tokenizer, folder: str) -> None:
 def export(pipe, out_dir: str, options: ExportOptions, *, progress=None, step=None) -> dict:
     """Write the folder (see the module docstring); returns the manifest. step: {sampler:
     [step counts]} also writes each sampler's step graph and tables (fastdiff/export/step.py)."""
-    records = []
-    for spec in _graphs(pipe, options):
-        if progress:
-            progress(f"exporting {spec.name}")
-        records.append(write_graph(spec, out_dir, options))
+    records = write_graphs(_graphs(pipe, options), out_dir, options, progress)
     write_tokenizer(pipe.tokenizer, os.path.join(out_dir, "tokenizer"))
     scheduler = os.path.join(out_dir, "scheduler")
     os.makedirs(scheduler, exist_ok=True)
