@@ -113,7 +113,7 @@ PY
 for file in tests/test_attention.py tests/test_attention_triton.py tests/test_group_norm.py \
   tests/test_group_norm_triton.py tests/test_guided_step.py tests/test_guided_step_triton.py \
   tests/test_discrete_step.py tests/test_discrete_step_triton.py tests/test_cuda_graphs.py \
-  tests/test_graph_cache.py tests/test_pipeline_sd.py; do
+  tests/test_graph_cache.py tests/test_pipeline_sd.py tests/test_onnx_io_binding.py; do
   [[ -f $file ]] || continue
   name=$(basename "$file" .py)
   background "$name" 240 $PY -m pytest -q -p no:cacheprovider -rfE "$file"

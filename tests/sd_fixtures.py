@@ -61,8 +61,9 @@ def randomize(module, seed):
     return module
 
 
-def make_pipeline(folder, kind="sd1", scheduler="PNDMScheduler", seed=0):
-    """Save a tiny random diffusers StableDiffusionPipeline under `folder`; return it."""
+def make_pipeline(folder, kind="sd1", scheduler="PNDMScheduler", seed=0, unet_channels=(32, 64)):
+    """Save a tiny random diffusers StableDiffusionPipeline under `folder`; return it.
+    unet_channels: the UNet's levels (cross-attention in all but the deepest, as SD's)."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -75,8 +76,9 @@ def make_pipeline(folder, kind="sd1", scheduler="PNDMScheduler", seed=0):
         max_position_embeddings=16, projection_dim=32, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
         pad_token_id=vocab - 1, **cfg["text"])), seed)
     unet = randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=tuple(unet_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (len(unet_channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
         cross_attention_dim=32, norm_num_groups=16, **cfg["unet"]), seed + 1)
     vae = randomize(diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),

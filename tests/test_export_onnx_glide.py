@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import types
 
 import numpy as np
@@ -37,6 +36,7 @@ from fastdiff.export.graphs import graph_shapes, reference_ops  # noqa: E402
 from fastdiff.loaders.glide_tokenizers import GlideTokenizer  # noqa: E402
 from fastdiff.pipelines import GlidePipeline, Pipeline  # noqa: E402
 from fastdiff.pipelines.onnx_glide import OnnxGlidePipeline  # noqa: E402
+from onnx_fixtures import BrokenFolder, edited_json, removed, renamed_input  # noqa: E402
 
 PROMPTS = ["a corgi in a field", "a red circle above a blue square"]
 
@@ -360,23 +360,14 @@ def test_from_onnx_refuses_what_needs_pytorch(exported):
 
 def test_from_onnx_names_what_is_wrong_with_a_folder(exported, tmp_path):
     _, out, _ = exported
-    broken = tmp_path / "broken"
-    shutil.copytree(out, broken)
-    os.remove(broken / "upsampler_unet" / "model.onnx")
-    with pytest.raises(FileNotFoundError, match="upsampler_unet/model.onnx.*missing"):
-        fastdiff.Pipeline.from_onnx(broken)
-    shutil.copy(os.path.join(out, "upsampler_unet", "model.onnx"), broken / "upsampler_unet" / "model.onnx")
-    manifest = json.load(open(broken / "fastdiff_onnx.json"))
-    record = next(g for g in manifest["graphs"] if g["name"] == "unet")
-    record["inputs"] = {k if k != "k_0" else "k_zero": v for k, v in record["inputs"].items()}
-    (broken / "fastdiff_onnx.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"unet/model.onnx: its inputs .* do not match the manifest"):
-        fastdiff.Pipeline.from_onnx(broken)
-    manifest["graphs"] = [g for g in manifest["graphs"] if not g["name"].startswith("upsampler_")]
-    (broken / "fastdiff_onnx.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="fastdiff_onnx.json: the manifest has no upsampler_text_encoder"):
-        fastdiff.Pipeline.from_onnx(broken)
-    shutil.copy(os.path.join(out, "fastdiff_onnx.json"), broken / "fastdiff_onnx.json")
-    os.remove(broken / "unet" / "config.json")
-    with pytest.raises(FileNotFoundError, match="unet/config.json is missing"):
-        fastdiff.Pipeline.from_onnx(broken)
+    broken = BrokenFolder(out, tmp_path)
+    broken.refuses("upsampler_unet/model.onnx", removed, FileNotFoundError, "upsampler_unet/model.onnx.*missing")
+    broken.refuses("fastdiff_onnx.json", renamed_input("unet", "k_0", "k_zero"), ValueError,
+                   r"unet/model.onnx: its inputs .* do not match the manifest")
+
+    def drop_upsampler(manifest):
+        manifest["graphs"] = [g for g in manifest["graphs"] if not g["name"].startswith("upsampler_")]
+
+    broken.refuses("fastdiff_onnx.json", edited_json(drop_upsampler), ValueError,
+                   "fastdiff_onnx.json: the manifest has no upsampler_text_encoder")
+    broken.refuses("unet/config.json", removed, FileNotFoundError, "unet/config.json is missing")

@@ -22,6 +22,7 @@ import fastdiff  # noqa: E402
 import fastdiff.export  # noqa: E402
 from fastdiff.export.graphs import reference_ops  # noqa: E402
 from fastdiff.export.stable_diffusion import _UNet  # noqa: E402
+from onnx_fixtures import layer_weight_dtypes  # noqa: E402
 
 U16 = 2.0 ** -11  # float16's unit roundoff, where tolerances.U is float32's
 
@@ -51,26 +52,13 @@ def static(pipe, tmp_path_factory):
     return out, fastdiff.export.onnx(pipe, out, static=dict(batch_size=1, height=64, width=64))
 
 
-def _weights(path):
-    """The dtypes of the layers' weights (what convolutions and matrix products read). The norms
-    are left out: their statistics are taken in float32 whatever the network's dtype (the ops'
-    GroupNorm upcasts, as GLIDE's GroupNorm32 does), so their scale and shift are float32."""
-    model = onnx.load(path)
-    layers = {name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") for name in n.input}
-    # the timestep embedding's frequency row ([1, channels / 2], built in float32 on purpose, as
-    # diffusers does) is a MatMul operand too, but no layer's weight: a weight has a few hundred
-    # elements even in the tests' small models
-    return model, {onnx.helper.tensor_dtype_to_np_dtype(i.data_type) for i in model.graph.initializer
-                   if i.name in layers and int(np.prod(i.dims)) > 64}
-
-
 def test_float16_keeps_the_vae_and_the_softmax_float32(half):
     out, manifest = half
     dtypes = {g["name"]: (g["dtype"], g["io_dtype"]) for g in manifest["graphs"]}
     assert dtypes == {"text_encoder": ("float32", "float32"), "unet": ("float16", "float32"),
                       "vae_encoder": ("float32", "float32"), "vae_decoder": ("float32", "float32")}
     for name, (dtype, _) in dtypes.items():
-        model, weights = _weights(os.path.join(out, name, "model.onnx"))
+        model, weights = layer_weight_dtypes(os.path.join(out, name, "model.onnx"))
         assert weights == {np.dtype(dtype)}, name
         inferred = onnx.shape_inference.infer_shapes(model)
         types = {v.name: v.type.tensor_type.elem_type for v in

@@ -6,7 +6,8 @@ options ask) and writes what its ONNX pipeline reads beside them:
 
 - Stable Diffusion (stable_diffusion.py): optimum's folder layout and names, plus step graphs;
 - GLIDE (glide.py): the text transformer, base and upsampler U-Nets (inpainting too);
-- VQ-Diffusion: not yet (refused as "not supported").
+- VQ-Diffusion (vq_diffusion.py): the CLIP text encoder, the discrete transformer, the VQ-VAE
+  decoder and the learned null-text embedding.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from .graphs import DEFAULT_OPSET, DTYPES, ExportOptions
 # and above, group_norm's twin is written as the standard GroupNormalization operator.
 MIN_OPSET = 18
 # The pipeline family (a class in the pipeline's MRO) -> its exporter module.
-EXPORTERS = {"StableDiffusionPipeline": "stable_diffusion", "GlidePipeline": "glide"}
+EXPORTERS = {"StableDiffusionPipeline": "stable_diffusion", "GlidePipeline": "glide",
+             "VQDiffusionPipeline": "vq_diffusion"}
 STATIC_KEYS = ("batch_size", "height", "width")
 
 

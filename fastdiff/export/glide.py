@@ -76,7 +76,7 @@ class _TextEncoder(torch.nn.Module):
 
 
 class _UNet(_Cast):
-    """The inputs of unet_input_names -> out_sample (Text2ImUNet.forward with a TextContext).
+    """The inputs of unet_input_names -> out_sample (Text2ImUNet.denoise on a TextContext).
     Its forward takes them as *args, since their number follows the model's attention
     blocks; graphs.export_graph gives a variadic forward its dynamic axes for _Cast modules
     only, hence the base class (whose casts are unused: write_graph wraps this module in a
@@ -87,7 +87,7 @@ class _UNet(_Cast):
         self.blocks = len(model.attention_blocks())
 
     def forward(self, *inputs):
-        from ..models.adm_unet import TextContext, adm_timestep_embedding
+        from ..models.adm_unet import TextContext
 
         m = self.module
         x, timesteps, xf_proj = inputs[:3]
@@ -96,18 +96,7 @@ class _UNet(_Cast):
         low_res = rest.pop(0) if m.super_res else None
         image, mask = rest if m.inpaint else (None, None)
         text = TextContext(xf_proj, tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.blocks)))
-        emb = m.time_embed(adm_timestep_embedding(timesteps, m.model_channels).to(m.time_embed[0].weight.dtype))
-        emb = emb + xf_proj.to(emb.dtype)
-        h = m._inputs(x, low_res, image, mask).to(m.dtype)
-        skips = []
-        for block in m.input_blocks:
-            h = block(h, emb, text)
-            skips.append(h)
-        h = m.middle_block(h, emb, text)
-        for block in m.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, text)
-        h = m.out[0](h.to(x.dtype), silu=True)
-        return m.out[2](h.to(m.out[2].weight.dtype)).to(x.dtype)
+        return m.denoise(x, timesteps, text, low_res, image, mask)
 
 
 def _stages(pipe) -> List[Tuple[str, object]]:

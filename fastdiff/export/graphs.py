@@ -233,6 +233,12 @@ def graph_shapes(path: str):
             {v.name: shape(v) for v in model.graph.output})
 
 
+def traced_latent_side(unet) -> int:
+    """The latent side a UNet is traced on: torch.export specialises a size of 1 seen while
+    tracing, so the UNet's deepest level must be at least 2 x 2 (16 x 16 for SD's four levels)."""
+    return max(8, 2 * 2 ** (len(unet.config["block_out_channels"]) - 1))
+
+
 def write_graph(spec: GraphSpec, out_dir: str, options: ExportOptions) -> GraphRecord:
     """Export `spec` to <out_dir>/<name>/model.onnx as `options` say, check it, and return its record."""
     import json

@@ -21,7 +21,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .graphs import ExportOptions, GraphSpec, write_graphs, write_index_and_manifest
+from .graphs import ExportOptions, GraphSpec, traced_latent_side, write_graphs, write_index_and_manifest
 
 GRAPHS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -84,7 +84,8 @@ def _graphs(pipe, options: ExportOptions) -> List[GraphSpec]:
         n, h, w = options.static["batch_size"], options.static["height"] // f, options.static["width"] // f
         shapes = [(n, h, w), (n, h, w)]
     else:
-        shapes = [(2, 8, 8), (3, 4, 8)]
+        side = traced_latent_side(unet)
+        shapes = [(2, side, side), (3, side // 2, side)]
 
     def inputs(n, h, w, t):
         return dict(

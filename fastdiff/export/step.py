@@ -26,7 +26,7 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from .graphs import GraphRecord, export_graph, verify
+from .graphs import GraphRecord, export_graph, traced_latent_side, verify
 
 
 class _GuidedStep(nn.Module):
@@ -90,7 +90,8 @@ def export_step(pipe, out_dir: str, sampler: str, num_steps: Sequence[int], *, o
         return feeds
 
     image = {0: "batch_size", 2: "height", 3: "width"}
-    trace = inputs(2, 8, 8, 500.0)
+    side = traced_latent_side(pipe.unet)
+    trace = inputs(2, side, side, 500.0)
     axes = {"sample": image, "noise": image, "history": {1: "batch_size", 3: "height", 4: "width"}}
     axes["encoder_hidden_states"] = {0: "2*batch_size", 1: "sequence_length"}
     folder = os.path.join(out_dir, f"step_{sampler}")
@@ -103,7 +104,7 @@ def export_step(pipe, out_dir: str, sampler: str, num_steps: Sequence[int], *, o
                          outputs={"next_sample": ["batch_size", str(channels), "height", "width"],
                                   "denoised": ["batch_size", str(channels), "height", "width"]})
     if verify_graph:
-        verify(path, module, inputs(3, 16, 8, 37.0), ["next_sample", "denoised"], record)
+        verify(path, module, inputs(3, 2 * side, side, 37.0), ["next_sample", "denoised"], record)
     for table in tables:
         table = dict(table, coeffs_width=width, num_history=num_history)
         for s in table["steps"]:

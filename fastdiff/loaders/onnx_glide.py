@@ -46,6 +46,10 @@ class OnnxText2ImUNet:
             raise ValueError(f"{unet.file}: its inputs {list(unet.inputs)} do not fit {text_encoder.file}'s outputs "
                              f"and {unet_config} (super_res={self.super_res}, inpaint={self.inpaint}): {wanted}")
 
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
     def encode_text(self, tokens: Tensor, mask: Optional[Tensor] = None) -> TextContext:
         """tokens [B, text_ctx] and mask [B, text_ctx] (True for real tokens) -> TextContext."""
         if tokens.dim() != 2 or tokens.shape[1] != self.text_ctx:

@@ -470,10 +470,16 @@ class Text2ImUNet(nn.Module):
                 raise ValueError("pass text=model.encode_text(tokens, mask) or tokens=/mask=")
             text = self.encode_text(tokens, mask)
         timesteps = timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps
+        if text is not None and len(text) != x.shape[0]:
+            raise ValueError(f"text conditioning for {len(text)} samples, x has {x.shape[0]}")
+        return self.denoise(x, timesteps, text, low_res, inpaint_image, inpaint_mask)
+
+    def denoise(self, x: Tensor, timesteps: Tensor, text: Optional[TextContext], low_res: Optional[Tensor] = None,
+                inpaint_image: Optional[Tensor] = None, inpaint_mask: Optional[Tensor] = None) -> Tensor:
+        """forward's network on inputs it has checked (timesteps one per sample, or one that
+        broadcasts); what the ONNX exporter traces (fastdiff/export/glide.py)."""
         emb = self.time_embed(adm_timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if text is not None:
-            if len(text) != x.shape[0]:
-                raise ValueError(f"text conditioning for {len(text)} samples, x has {x.shape[0]}")
             emb = emb + text.xf_proj.to(emb.dtype)
         h = self._inputs(x, low_res, inpaint_image, inpaint_mask).to(self.dtype)
         skips = []

@@ -8,6 +8,7 @@ from .base import PIPELINES, Pipeline
 from .glide import GlidePipeline
 from .onnx import OnnxStableDiffusionPipeline
 from .onnx_glide import OnnxGlidePipeline  # noqa: F401  (registers OnnxGlidePipeline)
+from .onnx_vq_diffusion import OnnxVQDiffusionPipeline  # noqa: F401  (registers OnnxVQDiffusionPipeline)
 from .stable_diffusion import StableDiffusionPipeline
 from .vq_diffusion import VQDiffusionPipeline
 

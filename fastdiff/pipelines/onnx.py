@@ -10,7 +10,6 @@ pipelines/onnx_vq_diffusion.py).
 """
 from __future__ import annotations
 
-import os
 import types
 from typing import Sequence, Tuple
 
@@ -22,7 +21,8 @@ from .stable_diffusion import StableDiffusionPipeline
 
 class OnnxPipelineMixin:
     """What every ONNX pipeline shares (first in the bases, before the family's class): its
-    tensors live on the CPU, it cannot be moved or cast, and arguments that need the PyTorch
+    tensors live where its providers run (the CPU, or the GPU of CUDAExecutionProvider), it
+    cannot be moved or cast, and arguments that need the PyTorch
     modules are refused by name before any work."""
 
     is_onnx = True
@@ -33,18 +33,32 @@ class OnnxPipelineMixin:
         ("cuda_graph", "the graphs run in ONNX Runtime, not in captured CUDA graphs"),
     )
 
+    # (module under fastdiff.loaders, function): the family's folder reader, imported on first load
+    onnx_loader: Tuple[str, str]
+
     @classmethod
-    def check_load_arguments(cls, device=None, dtype=None) -> None:
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError("an ONNX pipeline's tensors live on the CPU; choose the GPU with "
-                             "providers=['CUDAExecutionProvider']")
+    def load_components(cls, path, *, device=None, dtype=None, providers=None) -> dict:
+        """The family's components from an exported folder, its graphs in ONNX Runtime sessions."""
+        import importlib
+
+        from ..loaders.onnx_folder import onnx_device
+
+        providers = providers or cls.providers
+        if device is not None and torch.device(device).type != onnx_device(providers).type:
+            raise ValueError(f"an ONNX pipeline's device follows its providers ({onnx_device(providers)} for "
+                             f"{list(providers)}): choose the GPU with providers=['CUDAExecutionProvider']")
         if dtype is not None and dtype != torch.float32:
             raise ValueError(f"an ONNX pipeline takes and returns float32 tensors, not {dtype} (export "
                              f"with dtype='float16' for float16 graphs)")
+        module, function = cls.onnx_loader
+        load = getattr(importlib.import_module(f"..loaders.{module}", __package__), function)
+        return load(path, providers)
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        """Where the pipeline's tensors live: the CPU, or torch's GPU when the CUDA provider
+        comes first (the graphs then read and write its memory: fastdiff/loaders/onnx_folder.py)."""
+        return getattr(self._main, "device", torch.device("cpu"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,15 +82,9 @@ class OnnxPipelineMixin:
 class OnnxStableDiffusionPipeline(OnnxPipelineMixin, StableDiffusionPipeline):
     """StableDiffusionPipeline over ONNX Runtime sessions (on the CPU or an ORT provider)."""
 
+    onnx_loader = ("onnx_folder", "load_stable_diffusion")
     onnx_refusals = OnnxPipelineMixin.onnx_refusals + (
         ("clip_skip", "the exported text encoder returns its last hidden state only"),)
-
-    @classmethod
-    def load_components(cls, path, *, device=None, dtype=None, providers=None) -> dict:
-        from ..loaders.onnx_folder import load_stable_diffusion
-
-        cls.check_load_arguments(device, dtype)
-        return load_stable_diffusion(path, providers or cls.providers)
 
     def check_family(self, a: types.SimpleNamespace) -> None:
         super().check_family(a)

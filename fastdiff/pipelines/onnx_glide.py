@@ -20,17 +20,11 @@ from .onnx import OnnxPipelineMixin
 class OnnxGlidePipeline(OnnxPipelineMixin, GlidePipeline):
     """GlidePipeline over ONNX Runtime sessions (on the CPU or an ORT provider)."""
 
+    onnx_loader = ("onnx_glide", "load_glide")
     reads_folders = True
     onnx_refusals = OnnxPipelineMixin.onnx_refusals + (
         ("clip_guidance_scale", "CLIP guidance differentiates the noised CLIP through the sample, and the "
                                 "graphs have no gradients (nor is the noised CLIP exported)"),)
-
-    @classmethod
-    def load_components(cls, path, *, device=None, dtype=None, providers=None) -> dict:
-        from ..loaders.onnx_glide import load_glide
-
-        cls.check_load_arguments(device, dtype)
-        return load_glide(path, providers or cls.providers)
 
     def check_family(self, a: types.SimpleNamespace) -> None:
         super().check_family(a)

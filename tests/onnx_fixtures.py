@@ -1,0 +1,107 @@
+"""What the ONNX export tests of every family share: a graph's outputs held to its module's
+within float32's rounding, the dtypes of a graph's layer weights, and a broken copy of an
+exported folder whose files are spoiled one at a time."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from tolerances import fp32_bound, reduction_terms
+
+def reference_outputs(module, inputs):
+    """(the module's outputs as a list, the reduction terms of the call) on its ops' PyTorch
+    twins, which is what the graphs were traced from."""
+    from fastdiff.export.graphs import reference_ops
+
+    with reference_ops(), torch.no_grad():
+        want = module(*inputs.values())
+        terms = reduction_terms(module, lambda: module(*inputs.values()))
+    return ([want] if isinstance(want, torch.Tensor) else list(want)), terms
+
+
+def assert_outputs_match(got, want, terms: int, what) -> None:
+    """Each ONNX Runtime output (numpy) of the module's shape and within float32's rounding of
+    the reordered sums at the output's scale (tests/tolerances.py)."""
+    assert len(got) == len(want), what
+    for g, w in zip(got, want):
+        assert g.shape == tuple(w.shape), what
+        bound = fp32_bound(max(1.0, w.abs().max().item()), terms)
+        err = np.abs(g - w.numpy()).max()
+        assert err <= bound, (what, err, bound)
+
+
+def renamed_input(graph: str, old: str, new: str):
+    """A manifest spoiler: graph's input `old` recorded as `new` (the graph itself unchanged)."""
+    def edit(manifest):
+        record = next(g for g in manifest["graphs"] if g["name"] == graph)
+        record["inputs"] = {(new if k == old else k): v for k, v in record["inputs"].items()}
+    return edited_json(edit)
+
+
+# Operators whose initializer inputs are layer weights (what convolutions, matrix products and
+# embedding lookups read).
+WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "Gather")
+
+
+def layer_weight_dtypes(path: str):
+    """(the loaded model, the numpy dtypes of its layer weights). The norms are left out: their
+    statistics are taken in float32 whatever the network's dtype (the ops' GroupNorm upcasts, as
+    GLIDE's GroupNorm32 does), so their scale and shift are float32. So are tensors of 64
+    elements or fewer: the timestep embedding's frequency row ([1, channels / 2], built in
+    float32 on purpose, as diffusers does) and scalar constants are operands too but no layer's
+    weight, and a weight has a few hundred elements even in the tests' small models."""
+    import onnx
+
+    model = onnx.load(path)
+    layers = {name for n in model.graph.node if n.op_type in WEIGHT_OPS for name in n.input}
+    return model, {onnx.helper.tensor_dtype_to_np_dtype(i.data_type) for i in model.graph.initializer
+                   if i.name in layers and int(np.prod(i.dims)) > 64}
+
+
+def removed(path: Path) -> None:
+    os.remove(path)
+
+
+def overwritten(data: bytes):
+    return lambda path: path.write_bytes(data)
+
+
+def truncated(size: int):
+    def spoil(path: Path) -> None:
+        with open(path, "r+b") as fh:
+            fh.truncate(size)
+    return spoil
+
+
+def edited_json(edit):
+    """The file's JSON, changed in place by edit(obj) (which may return a replacement)."""
+    def spoil(path: Path) -> None:
+        obj = json.loads(path.read_text())
+        new = edit(obj)
+        path.write_text(json.dumps(obj if new is None else new))
+    return spoil
+
+
+class BrokenFolder:
+    """A copy of an exported folder: refuses() spoils one of its files, checks that
+    Pipeline.from_onnx raises `error` matching `match` (which names the file), and restores it,
+    so each case sees an otherwise intact folder."""
+
+    def __init__(self, out, tmp_path: Path):
+        self.out, self.root = Path(out), Path(tmp_path) / "broken"
+        shutil.copytree(self.out, self.root)
+
+    def refuses(self, relative: str, spoil, error, match: str) -> None:
+        spoil(self.root / relative)
+        with pytest.raises(error, match=match):
+            fastdiff.Pipeline.from_onnx(self.root)
+        original = self.out / relative
+        if original.exists():
+            shutil.copy(original, self.root / relative)
