@@ -39,7 +39,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
 from fastdiff.sampling import graphs, samplers  # noqa: E402
-from sd_fixtures import write_tokenizer  # noqa: E402
+import sd15_arch  # noqa: E402
 from timing import assert_varied, bench  # noqa: E402
 
 TINY = os.environ.get("FASTDIFF_BENCH_SD15_TINY") == "1"
@@ -53,45 +53,22 @@ STEPS = 50 if not TINY else 3
 PROMPT, SEED = "a red circle above a blue square", 0
 
 if TINY:
-    UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+    UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                 attention_head_dim=8, norm_num_groups=16,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     VAE = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
-else:  # SD 1.5 (runwayml/stable-diffusion-v1-5 configs)
-    UNET = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-    VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
-MAX_TOKENS = 77
+    SAMPLE_SIZE = 8
+else:  # SD 1.5 at 512 x 512
+    UNET, TEXT, VAE, SAMPLE_SIZE = sd15_arch.UNET, sd15_arch.TEXT, sd15_arch.VAE, 64
+MAX_TOKENS = sd15_arch.MAX_TOKENS
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    root = str(tmp_path_factory.mktemp("sd15"))
-    torch.manual_seed(0)
-    vocab = write_tokenizer(os.path.join(root, "_tok"), max_length=MAX_TOKENS)
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(root, "_tok"), local_files_only=True)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, max_position_embeddings=MAX_TOKENS,
-                                                bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-                                                pad_token_id=vocab - 1, projection_dim=768, **TEXT))
-    unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **UNET)
-    blocks = len(VAE["block_out_channels"])
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
-                                  down_block_types=("DownEncoderBlock2D",) * blocks,
-                                  up_block_types=("UpDecoderBlock2D",) * blocks, **VAE)
-    scheduler = diffusers.DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012,
-                                                      beta_schedule="scaled_linear", steps_offset=1)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
-    pipe.save_pretrained(root)
-    return root
+    return sd15_arch.write_folder(str(tmp_path_factory.mktemp("sd15")), sample_size=SAMPLE_SIZE, unet=UNET,
+                                  text=TEXT, vae=VAE)
 
 
 def load_diffusers(folder, dtype):
@@ -111,7 +88,7 @@ def pipes(folder):
 
 
 def latents():
-    size = UNET["sample_size"]
+    size = SAMPLE_SIZE
     return torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(SEED)).to(DEVICE)
 
 
@@ -158,7 +135,7 @@ def capture_for(device):
 
 
 def unet_inputs(seed=1):
-    size, dim = UNET["sample_size"], UNET["cross_attention_dim"]
+    size, dim = SAMPLE_SIZE, UNET["cross_attention_dim"]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, size, size, generator=gen).to(DEVICE, DTYPE)
     context = torch.randn(2, MAX_TOKENS, dim, generator=gen).to(DEVICE, DTYPE)
@@ -224,7 +201,7 @@ def test_unet_step(benchmark, pipes, unet_error, impl):
         with torch.no_grad():
             fn()
 
-    benchmark.group = f"SD 1.5 UNet step {DEVICE} {DTYPE} batch 2 (CFG) {UNET['sample_size']}x{UNET['sample_size']}"
+    benchmark.group = f"SD 1.5 UNet step {DEVICE} {DTYPE} batch 2 (CFG) {SAMPLE_SIZE}x{SAMPLE_SIZE}"
     timing = bench(benchmark, call, device=DEVICE, rounds=20 if DEVICE == "cuda" else 2, impl=impl,
                    shape=dict(x=list(x.shape), context=list(context.shape)), **device_info())
     if timing is not None:
@@ -285,7 +262,7 @@ def test_generation_50_steps(benchmark, pipes, images, impl):
         with torch.no_grad():
             fn()
 
-    benchmark.group = f"SD 1.5 generation {DEVICE} {DTYPE} {UNET['sample_size'] * 8}px {STEPS} steps dpmpp_2m cfg 7.5"
+    benchmark.group = f"SD 1.5 generation {DEVICE} {DTYPE} {SAMPLE_SIZE * 8}px {STEPS} steps dpmpp_2m cfg 7.5"
     # One generation per round; one untimed warm-up generation first (for the graphs, the one above).
     timing = bench(benchmark, call, device=DEVICE, rounds=5 if DEVICE == "cuda" else 1, calls=1,
                    warmup_rounds=0 if impl == "fastdiff-graph" else 1, impl=impl,
