@@ -2,6 +2,7 @@
 softmax and statistics kept float32), float32 inputs/outputs around float16 networks, opset
 21's GroupNormalization, static shapes (checked against every call before any work), ONNX
 Runtime's CUDA optimiser, and a manifest that no longer matches its graphs."""
+import copy
 import json
 import os
 import shutil
@@ -100,17 +101,44 @@ def test_the_float16_unet_matches_pytorch_in_float16(half, pipe):
     assert err > 0  # float16 arithmetic, not a float32 graph
 
 
+class _Float16UNet:
+    """The pipeline's UNet evaluated in float16 (a copy; inputs cast in, the output cast back
+    to float32), standing in for it in generate()."""
+
+    def __init__(self, unet):
+        self.unet, self.half = unet, copy.deepcopy(unet).half()
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, x, t, encoder_hidden_states):
+        return self.half(x.half(), t, encoder_hidden_states=encoder_hidden_states.half()).float()
+
+
 def test_from_onnx_runs_a_float16_export(half, pipe):
-    """The images of float16 graphs against the float32 pipeline's: every rounding in float16,
-    so the images' float32 bound (the same term count) scaled by u16 / u32 = 2^13."""
+    """The images of the float16 UNet graph against the float32 pipeline's. float16's sqrt(terms)
+    bound is vacuous for whole images (u16 = 2^-11 over ~10^6 terms exceeds 1), so the reference
+    is the same computation's own float16 error: the PyTorch pipeline with its UNet evaluated in
+    float16 (VAE and text encoder float32, as the export keeps them). Both differ from float32 by
+    the roundings of one float16 network, summed in other orders, so their largest errors are of
+    one size; HEADROOM (4) allows for the spread of a maximum over the image. Measured here
+    (2026-12-07): ONNX 3.3e-3, PyTorch float16 5.7e-3, so the bound is 2.3e-2, which a wrong
+    coefficient or a wrong half of the guided batch exceeds many times over; a 1% guidance
+    error (1.8e-3 here) is below float16's own error and is caught by the float32 tests."""
     out, _ = half
     onnx_pipe = fastdiff.Pipeline.from_onnx(out)
     kw = dict(num_inference_steps=5, guidance_scale=5.0, sampler="ddim", seed=3, output_type="pt", progress=False)
-    want, calls = generate_counting_unet_calls(pipe, "a red circle", **kw)
+    want = pipe.generate("a red circle", **kw)
     got = onnx_pipe.generate("a red circle", **kw)
-    bound = fp32_bound(1.0, image_terms(pipe, calls, gain=guidance_gain(5.0))) * 2 ** 13
+    unet = pipe.unet
+    pipe.unet = _Float16UNet(unet)
+    try:
+        torch16 = pipe.generate("a red circle", **kw)
+    finally:
+        pipe.unet = unet
+    own = (torch16 - want).abs().max().item()
     err = (got - want).abs().max().item()
-    assert torch.isfinite(got).all() and 0 < err <= bound, (err, bound)
+    assert torch.isfinite(got).all() and 0 < err <= HEADROOM * own, (err, own)
 
 
 def test_float16_inputs_and_outputs(pipe, tmp_path):
