@@ -3,6 +3,7 @@ within float32's rounding, the dtypes of a graph's layer weights, and a broken c
 exported folder whose files are spoiled one at a time."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -43,6 +44,17 @@ def renamed_input(graph: str, old: str, new: str):
         record = next(g for g in manifest["graphs"] if g["name"] == graph)
         record["inputs"] = {(new if k == old else k): v for k, v in record["inputs"].items()}
     return edited_json(edit)
+
+
+def assert_bfloat16_refused(pipe, out) -> None:
+    """Exporting the pipeline cast to bfloat16 (a copy: a bfloat16 round trip would change the
+    fixture's weights) is refused before anything is written to `out`."""
+    import fastdiff.export
+
+    cast = copy.deepcopy(pipe).to(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 pipeline"):
+        fastdiff.export.onnx(cast, out)
+    assert not Path(out).exists()
 
 
 # Operators whose initializer inputs are layer weights (what convolutions, matrix products and
