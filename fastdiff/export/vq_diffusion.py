@@ -110,7 +110,7 @@ def check_exportable(pipe, options: ExportOptions, step) -> None:
         raise ValueError(f"ONNX export traces on the CPU (the pipeline is on {pipe.device}); call pipe.to('cpu') first")
     text, transformer = pipe.text_encoder, pipe.transformer
     if not hasattr(getattr(text, "config", None), "to_dict"):
-        raise ValueError(f"the VQ-Diffusion text encoder must be transformers' CLIPTextModel (its config is "
+        raise ValueError(f"the VQ-Diffusion text encoder must be a CLIP text transformer (its config is "
                          f"written beside the graph), got {type(text).__name__}")
     hidden, cross = text.config.hidden_size, transformer.config["cross_attention_dim"]
     if hidden != cross:

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .files import CheckpointError, check_weights, find_weights, load_state_dict_file
+from .files import CheckpointError, check_weights, find_weights, load_state_dict_file, state_dict_problems
 
 
 def read_json(path: str) -> dict:
@@ -97,39 +97,42 @@ def load_module(module_cls, folder: str, name: str, device=None, dtype=None) -> 
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_text_encoder(folder: str, name: str = "text_encoder", device=None, dtype=None):
-    """transformers' CLIPTextModel, loaded as strictly as fastdiff's own modules: every weight of
-    the architecture present with its shape, float, finite; nothing unknown besides position_ids
-    (a buffer transformers rebuilds)."""
-    from transformers import CLIPTextModel
+# Where transformers < 5.6 keeps CLIPTextModel's weights; since 5.6 the names are flat.
+CLIP_TEXT_PREFIX = "text_model."
 
-    from .quiet import quiet_loading
 
-    path = component_dir(folder, name)
-    read_json(os.path.join(path, "config.json"))
+def load_clip_text(path: str, device=None, dtype=None, name: str = "text encoder"):
+    """A transformers CLIPTextModel folder (config.json, then model.safetensors, else
+    pytorch_model.bin read with weights_only=True) as fastdiff's CLIP text transformer
+    (fastdiff/models/clip_text.py, which computes what CLIPTextModel computes without
+    importing transformers), loaded as strictly as fastdiff's other modules: every weight of
+    the architecture present with its shape, float, finite; nothing unknown besides
+    position_ids (a buffer the model does not need)."""
+    from ..models.clip_text import CLIPTextConfig, CLIPTextTransformer
+
+    config_file = os.path.join(path, "config.json")
+    config = CLIPTextConfig(read_json(config_file), source=config_file)
     weights_file = find_weights(path, stems=("model", "pytorch_model"))
-    # Read once through fastdiff's reader first: a corrupt or unsafe pickle is refused in one line
-    # that names the file (transformers would raise torch's raw UnpicklingError), and values are checked.
-    state = load_state_dict_file(weights_file)
-    # Every weight of CLIP's text model is float; position_ids (int64) is the one integer buffer.
-    check_weights(state, weights_file, {k: torch.empty(0) for k in state if not k.endswith("position_ids")})
-    del state
-    try:
-        with quiet_loading():
-            model, info = CLIPTextModel.from_pretrained(path, local_files_only=True, use_safetensors=None,
-                                                        output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot load the text encoder from {path}: {str(exc).splitlines()[0]}") from None
-    missing = sorted(k for k in info["missing_keys"] if not k.endswith("position_ids"))
-    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith("position_ids"))
-    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"])
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{weights_file} does not match the {name} architecture of its config.json:"
-            + (f" missing {missing[:8]}" if missing else "")
-            + (f" unexpected {unexpected[:8]}" if unexpected else "")
-            + (f" shape mismatch {mismatched[:8]}" if mismatched else ""))
+    state = {k: v for k, v in load_state_dict_file(weights_file).items() if not k.endswith("position_ids")}
+    if state and all(k.startswith(CLIP_TEXT_PREFIX) for k in state):
+        state = {k[len(CLIP_TEXT_PREFIX):]: v for k, v in state.items()}
+    # Built on the CPU as fastdiff's other modules are (on the meta device, the initialisers'
+    # reference implementations would import torch._dynamo: a second of start-up).
+    model = CLIPTextTransformer(config)
+    expected = model.state_dict()
+    problems = state_dict_problems(expected, state)
+    if problems:
+        raise CheckpointError(f"{weights_file} does not match the {name} architecture of its config.json: "
+                              + "; ".join(problems))
+    check_weights(state, weights_file, expected)
+    model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_text_encoder(folder: str, name: str = "text_encoder", device=None, dtype=None):
+    """<folder>/<name>, a transformers CLIPTextModel folder, as fastdiff's CLIP text
+    transformer (load_clip_text)."""
+    return load_clip_text(component_dir(folder, name), device=device, dtype=dtype, name=name)
 
 
 def load_tokenizer(folder: str, name: str = "tokenizer"):
