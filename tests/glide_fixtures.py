@@ -78,3 +78,14 @@ def sample_terms(model, calls: int, gain: float = 1.0) -> float:
         extra.update(inpaint_image=torch.zeros(2, 3, size, size), inpaint_mask=torch.ones(2, 1, size, size))
     per_call = reduction_terms(model, lambda: model(x, t, tokens=tokens, mask=mask, **extra))
     return gain ** 2 * calls * (per_call + 10)
+
+
+def base_capture():
+    """(seen, callback): a generate() callback keeping the base stage's final sample exactly
+    (in [-1, 1]) as seen["x"]."""
+    seen = {}
+
+    def callback(info):
+        if info.stage == "base":
+            seen["x"] = info.x
+    return seen, callback

@@ -57,6 +57,16 @@ def assert_bfloat16_refused(pipe, out) -> None:
     assert not Path(out).exists()
 
 
+def assert_onnx_refuses(onnx_pipe, prompt: str, cases) -> None:
+    """generate() on an ONNX pipeline refuses each (kwargs, argument name) of `cases` by name
+    (what needs the PyTorch modules), and to() is refused."""
+    for kwargs, what in cases:
+        with pytest.raises(ValueError, match=f"{what} is not available on an ONNX pipeline"):
+            onnx_pipe.generate(prompt, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="cannot be moved"):
+        onnx_pipe.to("cpu", torch.float16)
+
+
 # Operators whose initializer inputs are layer weights (what convolutions, matrix products and
 # embedding lookups read).
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "Gather")

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from deps import require
-from glide_fixtures import sample_terms, tiny_options, write_checkpoint, write_glide_tokenizer
+from glide_fixtures import (base_capture, sample_terms, tiny_options, write_checkpoint,
+                            write_glide_tokenizer)
 from tolerances import fp32_bound, guidance_gain, reduction_terms
 
 onnx = require("onnx")
@@ -36,7 +37,8 @@ from fastdiff.export.graphs import graph_shapes, reference_ops  # noqa: E402
 from fastdiff.loaders.glide_tokenizers import GlideTokenizer  # noqa: E402
 from fastdiff.pipelines import GlidePipeline, Pipeline  # noqa: E402
 from fastdiff.pipelines.onnx_glide import OnnxGlidePipeline  # noqa: E402
-from onnx_fixtures import BrokenFolder, assert_bfloat16_refused, edited_json, removed, renamed_input  # noqa: E402
+from onnx_fixtures import (BrokenFolder, assert_bfloat16_refused, assert_onnx_refuses,  # noqa: E402
+                           edited_json, removed, renamed_input)
 
 PROMPTS = ["a corgi in a field", "a red circle above a blue square"]
 
@@ -208,15 +210,6 @@ def _bound(model, calls, guidance=1.0):
     return fp32_bound(1.0, sample_terms(model, calls, guidance_gain(guidance)))
 
 
-def _base_capture():
-    seen = {}
-
-    def callback(info):
-        if info.stage == "base":
-            seen["x"] = info.x
-    return seen, callback
-
-
 # (The sigma samplers (euler, dpmpp_2m, ...) drive these random tiny models to |x| ~ 1e4, all
 # pixels clamped: nothing to compare. Their fractional timesteps are checked per graph above.)
 @pytest.mark.parametrize("sampler, scale", [("ddpm", 3.0), ("ddim", 3.0), ("ddpm", 1.0)])
@@ -249,9 +242,9 @@ def test_from_onnx_base_and_upsampler(exported, upsample_sampler):
     onnx_pipe = fastdiff.Pipeline.from_onnx(out)
     kw = dict(guidance_scale=3.0, num_inference_steps="8", upsample_steps="fast27" if upsample_sampler == "ddim"
               else "6", upsample_sampler=upsample_sampler, seed=5, output_type="pt", progress=False)
-    seen, callback = _base_capture()
+    seen, callback = base_capture()
     want, calls = _generate_counting_calls(pipe, PROMPTS, callback=callback, **kw)
-    seen_onnx, callback_onnx = _base_capture()
+    seen_onnx, callback_onnx = base_capture()
     got = onnx_pipe.generate(PROMPTS, callback=callback_onnx, **kw)
     assert got.shape == want.shape == (2, 3, 32, 32) and 0 <= got.min() and got.max() <= 1
     assert (seen_onnx["x"] - seen["x"]).abs().max().item() <= _bound(pipe.base, calls["base"], 3.0)
@@ -343,12 +336,9 @@ def test_bad_export_requests_are_refused_before_anything_is_written(exported, tm
 def test_from_onnx_refuses_what_needs_pytorch(exported):
     _, out, _ = exported
     onnx_pipe = fastdiff.Pipeline.from_onnx(out)
-    for kwargs, what in ((dict(cond_fn=lambda x, t: x), "cond_fn"), (dict(cuda_graph=True), "cuda_graph"),
-                         (dict(clip_guidance_scale=3.0), "clip_guidance_scale")):
-        with pytest.raises(ValueError, match=f"{what} is not available on an ONNX pipeline"):
-            onnx_pipe.generate("a corgi", progress=False, **kwargs)
-    with pytest.raises(ValueError, match="cannot be moved"):
-        onnx_pipe.to("cpu", torch.float16)
+    assert_onnx_refuses(onnx_pipe, "a corgi", ((dict(cond_fn=lambda x, t: x), "cond_fn"),
+                                               (dict(cuda_graph=True), "cuda_graph"),
+                                               (dict(clip_guidance_scale=3.0), "clip_guidance_scale")))
     with pytest.raises(ValueError, match="already runs exported graphs"):
         fastdiff.export.onnx(onnx_pipe, os.path.join(out, "again"))
 

@@ -15,7 +15,8 @@ import torch
 
 import glide_reference as R
 from deps import require
-from glide_fixtures import TEXT_CTX, sample_terms, tiny_options, write_checkpoint, write_glide_tokenizer
+from glide_fixtures import (TEXT_CTX, base_capture, sample_terms, tiny_options, write_checkpoint,
+                            write_glide_tokenizer)
 from tolerances import fp32_bound, guidance_gain, reduction_terms
 
 from fastdiff.loaders.files import CheckpointError
@@ -265,16 +266,6 @@ def pipe(glide):
                                options=glide.options["base"], upsampler_options=glide.options["upsample"])
 
 
-def _base_capture():
-    """A callback keeping the base stage's final sample exactly (in [-1, 1])."""
-    seen = {}
-
-    def callback(info):
-        if info.stage == "base":
-            seen["x"] = info.x
-    return seen, callback
-
-
 @pytest.mark.parametrize("sampler,scale", [("ddpm", 3.0), ("ddim", 3.0), ("ddpm", 1.0)])
 def test_pipeline_matches_glide_notebook(glide, pipe, sampler, scale):
     """Same seed -> the notebook's draws -> the same base samples and upsampled images.
@@ -282,7 +273,7 @@ def test_pipeline_matches_glide_notebook(glide, pipe, sampler, scale):
     The upsampler is compared from fastdiff's own base samples: both sides round them to
     8 bits first, and a 1e-6 difference can flip a rounding, which no tolerance covers."""
     prompts = ["a corgi in a field", "a red circle above a blue square"]
-    seen, callback = _base_capture()
+    seen, callback = base_capture()
     images, calls = _generate_counting_calls(pipe, prompts, guidance_scale=scale, num_inference_steps="10",
                                              upsample_steps="fast27", sampler=sampler, seed=7, output_type="pt",
                                              progress=False, callback=callback)
@@ -304,7 +295,7 @@ def test_a_one_percent_guidance_error_fails(glide, pipe, sampler):
     """The bound of the notebook comparison is tighter than a real error: the base stage at
     guidance 2.97 (1% off) against the restatement at 3.0 is refused."""
     prompts = ["a corgi in a field", "a red circle above a blue square"]
-    seen, callback = _base_capture()
+    seen, callback = base_capture()
     _, calls = _generate_counting_calls(pipe, prompts, guidance_scale=3.0 * 0.99, num_inference_steps="10",
                                         sampler=sampler, seed=7, upsample=False, output_type="pt", progress=False,
                                         callback=callback)
@@ -320,7 +311,7 @@ def test_base_and_upsampler_64_to_256(tmp_path, glide):
     state_up = write_checkpoint(str(tmp_path / "upsample.pt"), up_opts, glide.n_vocab, seed=12)
     pipe = Pipeline.from_glide(str(tmp_path / "base.pt"), str(tmp_path / "upsample.pt"), tokenizer=glide.tokenizer,
                                options=base_opts, upsampler_options=up_opts)
-    calls, (seen, keep_base) = [], _base_capture()
+    calls, (seen, keep_base) = [], base_capture()
 
     def callback(info):
         calls.append((info.stage, info.index))
@@ -500,7 +491,7 @@ def test_inpainting_keeps_known_pixels_exactly(inpaint_pipe):
 
 def test_inpainting_matches_glide_denoised_fn(glide, inpaint_pipe):
     image, keep = _source()
-    seen, callback = _base_capture()
+    seen, callback = base_capture()
     ours, calls = _generate_counting_calls(inpaint_pipe, "a corgi", image=image, mask=keep, guidance_scale=5.0,
                                            num_inference_steps="6", upsample_steps="5", seed=9, output_type="pt",
                                            progress=False, callback=callback)

@@ -77,7 +77,8 @@ def onnx_device(providers: Sequence[str]) -> torch.device:
     return torch.device("cpu")
 
 
-def _session(file: str, providers: Sequence[str]):
+def _session(file: str, providers: Sequence[str], device: torch.device):
+    """An InferenceSession on `providers`; on `device` (onnx_device(providers)) when that is a GPU."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -97,24 +98,27 @@ def _session(file: str, providers: Sequence[str]):
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    device = onnx_device(providers)
     chosen: List[Any] = list(providers)
     if device.type == "cuda":  # torch's device and stream: no copies, no cross-stream waits
         stream = torch.cuda.current_stream(device).cuda_stream
         chosen[0] = ("CUDAExecutionProvider", {"device_id": str(device.index),
                                                "user_compute_stream": str(stream)})
     try:
-        return ort.InferenceSession(file, options, providers=chosen)
+        session = ort.InferenceSession(file, options, providers=chosen)
     except Exception as exc:  # ONNX Runtime's own errors (a corrupt or truncated graph)
         raise ValueError(f"{file}: ONNX Runtime cannot load it ({' '.join(str(exc).split())[:300]})") from None
+    if device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise RuntimeError(f"{file}: ONNX Runtime could not start CUDAExecutionProvider (it fell back to "
+                           f"{session.get_providers()}); check that onnxruntime-gpu matches the CUDA and "
+                           f"cuDNN that torch brings, or run on providers=['CPUExecutionProvider']")
+    return session
 
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
           "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
           "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
-_NUMPY_OF_TORCH = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-                   torch.int32: np.int32, torch.bool: np.bool_}
+_NUMPY_OF_TORCH = {_TORCH[kind]: _NUMPY[kind] for kind in _NUMPY}
 
 
 class _Graph:
@@ -123,12 +127,8 @@ class _Graph:
 
     def __init__(self, file: str, providers: Sequence[str], config: Dict[str, Any],
                  record: Optional[Dict[str, Any]] = None):
-        self.file, self.session, self.config = file, _session(file, providers), config
         self.device = onnx_device(providers)
-        if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise RuntimeError(f"{file}: ONNX Runtime could not start CUDAExecutionProvider (it fell back to "
-                               f"{self.session.get_providers()}); check that onnxruntime-gpu matches the CUDA and "
-                               f"cuDNN that torch brings, or run on providers=['CPUExecutionProvider']")
+        self.file, self.session, self.config = file, _session(file, providers, self.device), config
         # I/O binding where the tensors live on the GPU (the CPU path's numpy views are
         # already copy-free); `bound` can be set to run the bound path on the CPU too.
         self.bound = self.device.type == "cuda"
