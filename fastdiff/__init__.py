@@ -5,10 +5,32 @@
     print(fastdiff.describe_backends())  # the same as text, as `fastdiff info` prints it
     fastdiff.sampling.sample(...)    # drive any eps / v / x0 denoiser with a named sampler
     fastdiff.Pipeline.from_pretrained("path/to/sd")  .generate("a prompt")
+
+Names are resolved on first use (PEP 562): `import fastdiff` imports no torch, so the command
+line starts (and `fastdiff --help` answers) without it; the kernel layer (fastdiff.ops, which
+loads fastdiff._C and registers torch.ops.fastdiff) loads with the first name that needs it.
 """
-from .ops import backend_info, describe_backends, get_backend, set_backend
-from . import ops, sampling, guidance
-from .pipelines import GlidePipeline, Pipeline, StableDiffusionPipeline, VQDiffusionPipeline
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "GlidePipeline", "StableDiffusionPipeline", "VQDiffusionPipeline", "backend_info", "describe_backends", "set_backend", "get_backend", "ops", "sampling", "guidance", "__version__"]
+
+_EXPORTS = {"Pipeline": "pipelines", "GlidePipeline": "pipelines", "StableDiffusionPipeline": "pipelines",
+            "VQDiffusionPipeline": "pipelines", "backend_info": "ops", "describe_backends": "ops",
+            "set_backend": "ops", "get_backend": "ops"}
+# The subpackages `import fastdiff` used to load, reachable as attributes the same way.
+_SUBMODULES = ("ops", "sampling", "guidance", "pipelines", "loaders", "models")
+
+__all__ = ["Pipeline", "GlidePipeline", "StableDiffusionPipeline", "VQDiffusionPipeline", "backend_info",
+           "describe_backends", "set_backend", "get_backend", "ops", "sampling", "guidance", "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -17,8 +17,9 @@ import os
 import sys
 import time
 
-from .cli_args import (CliError, Parser, add_glide_model_arguments, api_errors, check_device, check_writable, command, finite_float,
-                       image_suffix, int_in, load_glide_pipeline, load_pipeline, one_line, plan_outputs, positive_int, random_seed, save_image)
+from .cli_args import (CliError, Parser, add_glide_model_arguments, api_errors, check_device, check_writable, command,
+                       finite_float, image_suffix, int_in, load_glide_pipeline, load_pipeline, one_line, plan_outputs,
+                       positive_int, random_seed, save_image)
 
 
 def _cmd_info(args) -> int:
@@ -240,7 +241,7 @@ MODEL_DEFAULT = "default: the model's own; `fastdiff info --model [PATH]` lists 
 
 
 def build_parser() -> Parser:
-    from .sampling import SAMPLERS
+    from .sampling.names import SAMPLER_NAMES  # the names only: building the parser imports no torch
 
     parser = Parser(prog="fastdiff", description="fastdiff: a fused sampler engine for text-to-image diffusion.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -277,7 +278,7 @@ def build_parser() -> Parser:
                      f"({MODEL_DEFAULT})")
     gen.add_argument("--guidance-rescale", type=finite_float, help="guidance rescale phi in [0, 1]; 0 is "
                      f"off ({MODEL_DEFAULT})")
-    gen.add_argument("--sampler", choices=list(SAMPLERS), help=f"sampler ({MODEL_DEFAULT})")
+    gen.add_argument("--sampler", choices=list(SAMPLER_NAMES), help=f"sampler ({MODEL_DEFAULT})")
     gen.add_argument("--eta", type=finite_float, help=f"DDIM eta ({MODEL_DEFAULT})")
     gen.add_argument("--seed", type=random_seed, default=0, help="random seed; the same seed gives the same "
                      "images (default: %(default)s)")
@@ -325,7 +326,8 @@ def build_parser() -> Parser:
     demo.add_argument("prompt", nargs="+", help="one or more prompts, e.g. 'a red circle' 'a green square'")
     demo.add_argument("-o", "--output", default="fastdiff-demo.png", help="the image to write, the prompts side by "
                       "side (.png, .jpg, .webp, ...: written in that format; default: %(default)s)")
-    demo.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS), help="sampler (default: %(default)s)")
+    demo.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLER_NAMES),
+                      help="sampler (default: %(default)s)")
     demo.add_argument("--steps", type=positive_int, default=20, help="sampling steps (default: %(default)s)")
     demo.add_argument("--guidance", type=finite_float, default=3.0, help="classifier-free guidance scale "
                       "(default: %(default)s)")

@@ -44,14 +44,15 @@ def test_backend_env_switches_every_op_to_the_twin():
 
 
 def test_unknown_backend_lists_the_valid_ones():
-    r = _run("import fastdiff", FASTDIFF_BACKEND="fastest")
+    # refused where the kernel layer loads: `import fastdiff` alone loads no torch (its names are lazy)
+    r = _run("import fastdiff; fastdiff.backend_info()", FASTDIFF_BACKEND="fastest")
     assert r.returncode != 0 and "valid backends: auto, reference, triton" in r.stderr
     with pytest.raises(ValueError, match="valid backends"):
         fastdiff.set_backend("fastest")
 
 
 def test_without_extension_everything_runs_on_the_twins_with_one_warning():
-    # Hide the compiled library: importing fastdiff must still work, warn once, and sample.
+    # Hide the compiled library: loading the kernel layer must still work, warn once, and sample.
     r = _run("""
         import sys, warnings
         class Block:
@@ -61,7 +62,7 @@ def test_without_extension_everything_runs_on_the_twins_with_one_warning():
         sys.meta_path.insert(0, Block())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            import fastdiff
+            import fastdiff.ops
         msgs = [str(w.message) for w in caught if "fastdiff._C" in str(w.message)]
         assert len(msgs) == 1, msgs
         assert "pip install --no-build-isolation -e ." in msgs[0]

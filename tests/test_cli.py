@@ -444,3 +444,62 @@ def test_export_onnx_bad_input_is_refused_first(sd_folder, tmp_path, capsys, no_
         assert run_cli(["export", "onnx", *argv]) == 2
         one_error_line(capsys, *words)
     assert not no_loading and not (tmp_path / "o").exists()
+
+
+# What building the parser must not import: `fastdiff --help` answers in a fraction of a second.
+HEAVY = ("torch", "numpy", "PIL", "tqdm", "transformers", "triton", "onnx")
+RUN_CLI_AND_LIST_HEAVY = f"""
+import atexit, runpy, sys
+atexit.register(lambda: print("heavy:", sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr))
+sys.argv = ["fastdiff", *sys.argv[1:]]
+runpy.run_module("fastdiff", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["info", "--help"], ["generate", "--help"], ["demo", "--help"],
+                                  ["train", "--help"], ["eval", "--help"], ["export", "--help"],
+                                  ["export", "onnx", "--help"], ["generate", "a", "--sampler", "nope"]])
+def test_help_and_argument_errors_import_no_heavy_library(argv):
+    r = subprocess.run([sys.executable, "-c", RUN_CLI_AND_LIST_HEAVY, *argv], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    *messages, heavy = r.stderr.strip().splitlines()
+    assert heavy == "heavy: []", f"`fastdiff {' '.join(argv)}` imported {heavy}: an eager import is back"
+    if argv[-1] == "--help":
+        assert r.returncode == 0 and r.stdout.startswith("usage: fastdiff"), r.stderr
+    else:  # a wrong sampler: the parser's one error line, the valid names listed without the registry
+        assert r.returncode == 2 and messages == [
+            "error: argument --sampler: invalid choice: 'nope' (choose from 'ddpm', 'ddim', 'pndm', 'euler', "
+            "'euler_a', 'heun', 'dpmpp_2m', 'dpmpp_2m_karras') (see: fastdiff generate --help)"], r.stderr
+
+
+def test_help_lists_the_registry_samplers_from_the_torch_free_names(capsys):
+    from fastdiff.sampling import SAMPLERS
+    from fastdiff.sampling.names import SAMPLER_CLASS, SAMPLER_NAMES
+
+    assert SAMPLER_NAMES == tuple(SAMPLERS) and SAMPLER_CLASS == {n: s.diffusers_class for n, s in SAMPLERS.items()}
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "{" + ",".join(SAMPLERS) + "}" in capsys.readouterr().out
+
+
+def test_lazy_packages_keep_every_public_name():
+    code = "import sys, fastdiff; print(fastdiff.__version__, 'torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.stdout.split() == ["0.1.0", "False"], r.stderr
+    import importlib
+
+    import fastdiff
+
+    assert callable(fastdiff.Pipeline.from_pretrained) and "ops" in fastdiff.backend_info()
+    assert fastdiff.sampling.sample is importlib.import_module("fastdiff.sampling.samplers").sample
+    for name in ("fastdiff", "fastdiff.sampling", "fastdiff.train", "fastdiff.export", "fastdiff.eval"):
+        package = importlib.import_module(name)
+        assert set(package.__all__) <= set(dir(package)), name
+        for public in package.__all__:
+            getattr(package, public)
+        with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+            package.nope
+    from fastdiff.export import onnx
+    from fastdiff.ops import guided_step
+
+    assert callable(onnx) and fastdiff.ops.guided_step is guided_step

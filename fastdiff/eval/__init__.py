@@ -9,7 +9,7 @@ Names are resolved on first use, so `python -m fastdiff.eval.judge` runs its mod
 """
 from importlib import import_module
 
-_EXPORTS = {"Judge": "judge", "train_judge": "judge", "DEFAULT_JUDGE_DIR": "judge",
+_EXPORTS = {"Judge": "judge", "train_judge": "judge", "DEFAULT_JUDGE_DIR": "judge_files",
             "evaluate": "attributes", "attribute_scores": "attributes", "format_table": "attributes",
             "image_grid": "attributes"}
 
@@ -20,3 +20,7 @@ def __getattr__(name):
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -12,13 +12,13 @@ import time
 
 from ..cli_args import (CliError, api_errors, check_folder_writable, check_writable, command, finite_float,
                         image_suffix, save_image)
+from .judge_files import CONFIG_FILE, DEFAULT_JUDGE_DIR
 
 DEFAULT_SCALES = (1.0, 3.0, 5.0, 8.0)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    from ..sampling import SAMPLERS
-    from .judge import DEFAULT_JUDGE_DIR
+    from ..sampling.names import SAMPLER_NAMES
 
     parser = subparsers.add_parser(
         "eval", help="attribute accuracy (shape, colour, position) of a model on held-out scene captions",
@@ -41,7 +41,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--scales", type=finite_float, nargs="+", default=list(DEFAULT_SCALES), metavar="SCALE",
                         help="classifier-free guidance scales (default: 1 3 5 8)")
     parser.add_argument("--steps", type=int, default=30, help="sampling steps per image (default: %(default)s)")
-    parser.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (default: the pipeline's)")
+    parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), help="sampler (default: the pipeline's)")
     parser.add_argument("--batch-size", type=int, default=50, help="captions per generate() call; with --seed it "
                         "fixes the noise (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="picks the captions and the noise (default: %(default)s)")
@@ -71,7 +71,7 @@ def _load_pipeline(model):
 
 
 def _load_or_train_judge(path: str, steps: int, progress: bool):
-    from .judge import CONFIG_FILE, Judge, train_judge
+    from .judge import Judge, train_judge
 
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return Judge.load(path)
@@ -114,8 +114,6 @@ def _check_outputs(args) -> None:
     if args.grid:
         image_suffix(args.grid, "--grid", required=True)
         check_writable(args.grid, "--grid")
-    from .judge import CONFIG_FILE
-
     if not os.path.isfile(os.path.join(args.judge, CONFIG_FILE)):  # a judge will be trained and saved there
         if os.path.exists(args.judge) and not os.path.isdir(args.judge):
             raise CliError(f"--judge: {args.judge} is a file, not a folder of a saved judge")

@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.scenes import COLORS, HELDOUT_FRACTION, SHAPES, canonical, random_scene, render
+from .judge_files import CONFIG_FILE, DEFAULT_JUDGE_DIR, WEIGHTS_FILE
 
 LAYOUTS = ("single", "vertical", "horizontal")
 COLOR_NAMES = tuple(COLORS)
 IMAGE_SIZE = 64
 JUDGE_SEED = 12345  # a seed stream no generator training uses, so the judge never sees the generator's data
-WEIGHTS_FILE, CONFIG_FILE = "judge.safetensors", "judge.json"
-DEFAULT_JUDGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_weights")
 
 
 class Judge(nn.Module):

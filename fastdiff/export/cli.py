@@ -17,13 +17,13 @@ from ..cli_args import (CliError, add_glide_model_arguments, api_errors, check_f
 
 def step_counts(text: str) -> dict:
     """--step "dpmpp_2m:20,50;ddim:50" -> {"dpmpp_2m": [20, 50], "ddim": [50]}."""
-    from ..sampling import SAMPLERS
+    from ..sampling.names import SAMPLER_NAMES
 
     step = {}
     for part in filter(None, text.split(";")):
         sampler, _, counts = part.partition(":")
-        if sampler not in SAMPLERS:
-            raise argparse.ArgumentTypeError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if sampler not in SAMPLER_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLER_NAMES)}")
         try:
             step[sampler] = [int(n) for n in counts.split(",")]
         except ValueError:

@@ -1,36 +1,33 @@
-"""Noise schedules, timestep spacings and samplers as plain functions over a denoiser."""
-from .denoiser import Denoiser, ModelOutput, as_model_output
-from .noise import randn, randn_like
-from .registry import SAMPLERS, SamplerSpec, check_num_steps, get_sampler
-from .samplers import (
-    StepInfo,
-    build_plan,
-    run_plan,
-    sample,
-    sample_ddim,
-    sample_ddpm,
-    sample_dpmpp_2m,
-    sample_dpmpp_2m_karras,
-    sample_euler,
-    sample_euler_ancestral,
-    sample_heun,
-    sample_pndm,
-)
-from .discrete import sample_discrete
-from .schedules import (
-    NoiseSchedule,
-    SchedulerConfig,
-    as_scheduler_config,
-    glide_respacing,
-    karras_sigmas,
-    make_betas,
-    spaced_timesteps,
-)
+"""Noise schedules, timestep spacings and samplers as plain functions over a denoiser.
 
-__all__ = [
-    "Denoiser", "ModelOutput", "as_model_output", "randn", "randn_like",
-    "SAMPLERS", "SamplerSpec", "check_num_steps", "get_sampler", "StepInfo", "build_plan", "run_plan", "sample",
-    "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_karras", "sample_euler",
-    "sample_euler_ancestral", "sample_heun", "sample_pndm", "sample_discrete", "NoiseSchedule", "SchedulerConfig",
-    "as_scheduler_config", "glide_respacing", "karras_sigmas", "make_betas", "spaced_timesteps",
-]
+Names are resolved on first use (PEP 562), so the sampler names (names.py) are read without
+importing torch: `fastdiff --help` lists them that way.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "Denoiser": "denoiser", "ModelOutput": "denoiser", "as_model_output": "denoiser",
+    "randn": "noise", "randn_like": "noise",
+    "SAMPLER_NAMES": "names",
+    "SAMPLERS": "registry", "SamplerSpec": "registry", "check_num_steps": "registry", "get_sampler": "registry",
+    "StepInfo": "samplers", "build_plan": "samplers", "run_plan": "samplers", "sample": "samplers",
+    "sample_ddim": "samplers", "sample_ddpm": "samplers", "sample_dpmpp_2m": "samplers",
+    "sample_dpmpp_2m_karras": "samplers", "sample_euler": "samplers", "sample_euler_ancestral": "samplers",
+    "sample_heun": "samplers", "sample_pndm": "samplers",
+    "sample_discrete": "discrete",
+    "NoiseSchedule": "schedules", "SchedulerConfig": "schedules", "as_scheduler_config": "schedules",
+    "glide_respacing": "schedules", "karras_sigmas": "schedules", "make_betas": "schedules",
+    "spaced_timesteps": "schedules",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

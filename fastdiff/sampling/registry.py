@@ -1,8 +1,9 @@
 """Every sampler fastdiff has, once: name -> plan builder, diffusers class, what it can do.
 
-The sampler functions (samplers.py), img2img's part-way start, the scheduler-config
-defaults (schedules.py) and the pipelines all read this table; nothing else lists
-sampler names.
+The sampler functions (samplers.py), img2img's part-way start and the pipelines all read
+this table. Its names and diffusers classes come from names.py, the torch-free part that
+the command line and the scheduler-config defaults (schedules.py) read; building the table
+checks that every name there has a spec here and no spec has a name that is not there.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Union
 
-from . import schedules
 from . import steps as S
+from .names import SAMPLER_CLASS, SAMPLER_NAMES
 from .schedules import SchedulerConfig, as_scheduler_config
 
 
@@ -45,9 +46,9 @@ class SamplerSpec:
     min_steps: Callable = lambda cfg: 1    # (resolved config) -> the fewest
 
 
-def _spec(name, diffusers_class, builder, options=(), **kw) -> SamplerSpec:
-    return SamplerSpec(name, diffusers_class, _checked(name, builder, frozenset(options)), frozenset(options),
-                       classifier_guidance=True, img2img=True, cuda_graph=True, **kw)
+def _spec(name, builder, options=(), **kw) -> SamplerSpec:
+    return SamplerSpec(name, SAMPLER_CLASS.get(name, ""), _checked(name, builder, frozenset(options)),
+                       frozenset(options), classifier_guidance=True, img2img=True, cuda_graph=True, **kw)
 
 
 def _checked(name: str, builder: Callable, options: frozenset) -> Callable:
@@ -75,29 +76,25 @@ def _pndm_min_steps(cfg: SchedulerConfig) -> int:
 
 
 _SPECS = (
-    _spec("ddpm", "DDPMScheduler", lambda c, n, *, start=0, timesteps=None: S.ddpm_plan(c, n, timesteps, start),
+    _spec("ddpm", lambda c, n, *, start=0, timesteps=None: S.ddpm_plan(c, n, timesteps, start),
           {"timesteps"}, respaced=True),
-    _spec("ddim", "DDIMScheduler",
+    _spec("ddim",
           lambda c, n, *, start=0, eta=0.0, use_clipped_model_output=False:
           S.ddim_plan(c, n, eta, use_clipped_model_output, start),
           {"eta", "use_clipped_model_output"}, respaced=True),
-    _spec("pndm", "PNDMScheduler", lambda c, n, *, start=0: S.pndm_plan(c, n, start), min_steps=_pndm_min_steps),
-    _spec("euler", "EulerDiscreteScheduler", lambda c, n, *, start=0: S.euler_plan(c, n, start=start)),
-    _spec("euler_a", "EulerAncestralDiscreteScheduler",
-          lambda c, n, *, start=0: S.euler_plan(c, n, ancestral=True, start=start)),
-    _spec("heun", "HeunDiscreteScheduler", lambda c, n, *, start=0: S.heun_plan(c, n, start)),
-    _spec("dpmpp_2m", "DPMSolverMultistepScheduler",
-          lambda c, n, *, start=0, karras=None: S.dpmpp_2m_plan(c, n, karras, start), {"karras"},
+    _spec("pndm", lambda c, n, *, start=0: S.pndm_plan(c, n, start), min_steps=_pndm_min_steps),
+    _spec("euler", lambda c, n, *, start=0: S.euler_plan(c, n, start=start)),
+    _spec("euler_a", lambda c, n, *, start=0: S.euler_plan(c, n, ancestral=True, start=start)),
+    _spec("heun", lambda c, n, *, start=0: S.heun_plan(c, n, start)),
+    _spec("dpmpp_2m", lambda c, n, *, start=0, karras=None: S.dpmpp_2m_plan(c, n, karras, start), {"karras"},
           max_steps=_dpm_solver_steps),
-    _spec("dpmpp_2m_karras", "DPMSolverMultistepScheduler",
-          lambda c, n, *, start=0: S.dpmpp_2m_plan(c, n, True, start),
+    _spec("dpmpp_2m_karras", lambda c, n, *, start=0: S.dpmpp_2m_plan(c, n, True, start),
           max_steps=lambda cfg: _dpm_solver_steps(cfg, karras=True)),
 )
+if tuple(spec.name for spec in _SPECS) != SAMPLER_NAMES:
+    raise RuntimeError(f"the sampler specs ({', '.join(spec.name for spec in _SPECS)}) must be the samplers of "
+                       f"fastdiff/sampling/names.py in its order ({', '.join(SAMPLER_NAMES)})")
 SAMPLERS: Mapping[str, SamplerSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
-
-# The scheduler-config layer reads which diffusers class's defaults apply to a sampler
-# from here (schedules.py cannot import this module: it sits below the plans).
-schedules.SAMPLER_CLASS.update({spec.name: spec.diffusers_class for spec in _SPECS})
 
 
 def get_sampler(name: str) -> SamplerSpec:

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .names import SAMPLER_CLASS  # sampler name -> the diffusers class whose defaults it reads
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -105,9 +107,6 @@ CLASS_DEFAULTS = {
 }
 # The classes that keep sigmas (and need a finite first one under zero-terminal-SNR).
 _SIGMA_CLASSES = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler")
-# sampler name -> the diffusers class whose defaults it reads: filled from the sampler
-# registry (fastdiff.sampling.registry), the one table of sampler names.
-SAMPLER_CLASS: dict = {}
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 

@@ -8,13 +8,25 @@ Files: config (presets), data (procedural scenes, image+caption folders), tokeni
 learned from the captions), objectives (schedule, targets, P2, dropout), models (building,
 saving, gradient checkpointing), state (EMA, checkpoints), loop (the shared optimisation
 loop), trainer (the two stages), export (the diffusers folder and TRAINING.md), cli.
-"""
-from .config import (AutoencoderArch, AutoencoderTraining, DiffusionTraining, PRESETS, TextEncoderArch,
-                     TrainConfig, UNetArch, preset, with_section)
-from .export import export_pipeline
-from .loop import StageResult
-from .trainer import train, train_autoencoder, train_text2img
 
-__all__ = ["TrainConfig", "AutoencoderArch", "UNetArch", "TextEncoderArch", "AutoencoderTraining",
-           "DiffusionTraining", "PRESETS", "preset", "with_section", "train", "train_autoencoder",
-           "train_text2img", "export_pipeline", "StageResult"]
+Names are resolved on first use (PEP 562), so `fastdiff train --help` (cli.py, which reads only
+config.py) starts without importing torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {"TrainConfig": "config", "AutoencoderArch": "config", "UNetArch": "config", "TextEncoderArch": "config",
+            "AutoencoderTraining": "config", "DiffusionTraining": "config", "PRESETS": "config", "preset": "config",
+            "with_section": "config", "train": "trainer", "train_autoencoder": "trainer",
+            "train_text2img": "trainer", "export_pipeline": "export", "StageResult": "loop"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
