@@ -136,18 +136,13 @@ def load_text_encoder(folder: str, name: str = "text_encoder", device=None, dtyp
 
 
 def load_tokenizer(folder: str, name: str = "tokenizer"):
-    from transformers import CLIPTokenizer
+    """<folder>/<name>, a saved CLIPTokenizer folder (tokenizer.json, or vocab.json + merges.txt),
+    as fastdiff's CLIP tokenizer (fastdiff/loaders/clip_tokenizer.py: transformers' ids without
+    importing transformers). A folder with no model_max_length in its tokenizer_config.json is
+    an error naming the file; a missing or corrupt file is one too."""
+    from .clip_tokenizer import CLIPTokenizer
 
-    path = component_dir(folder, name)
-    has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
-    # Older saves hold the BPE files, newer ones (transformers 5) a single tokenizer.json.
-    if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
-        raise FileNotFoundError(f"tokenizer files missing in {path}: expected tokenizer.json, "
-                                "or vocab.json and merges.txt")
-    try:
-        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load the tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    return CLIPTokenizer.from_folder(component_dir(folder, name))
 
 
 def load_learned_null_embeddings(folder: str, name: str) -> Optional[torch.Tensor]:

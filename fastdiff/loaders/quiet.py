@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Iterator
 
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """transformers' (and diffusers', when imported) logging at ERROR, progress bars off; restored on exit."""
+    """transformers' (and diffusers', when imported) logging at ERROR, progress bars off; restored on exit.
+
+    transformers is silenced only where it is already imported: importing it here would cost
+    most of a second of start-up for a load that never uses it (fastdiff reads the built-in
+    model's text encoder and tokenizer itself)."""
     restore = []
-    try:
+    if sys.modules.get("transformers") is not None:
         from transformers.utils import logging as hf_logging
-    except ImportError:  # without transformers there is nothing of theirs to silence
-        hf_logging = None
-    if hf_logging is not None:
+
         verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()

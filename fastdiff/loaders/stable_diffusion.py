@@ -1,9 +1,10 @@
 """Stable Diffusion 1.x / 2.x components from a diffusers folder or an original single file.
 
-Both return the keyword arguments of ``StableDiffusionPipeline``: fastdiff's UNet and VAE,
-transformers' CLIP text encoder and tokenizer, and the scheduler config. Every module is
-built from its config, its weights checked (names, dtypes, finite values) and loaded
-strictly, so a pipeline gets working modules or one error that names the file.
+Both return the keyword arguments of ``StableDiffusionPipeline``: fastdiff's UNet, VAE and CLIP
+tokenizer, a CLIP text encoder (fastdiff's from a folder, transformers' from a single file), and
+the scheduler config. Every module is built from its config, its weights checked (names,
+dtypes, finite values) and loaded strictly, so a pipeline gets working modules or one error
+that names the file.
 """
 from __future__ import annotations
 

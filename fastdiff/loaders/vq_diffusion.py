@@ -1,8 +1,9 @@
 """VQ-Diffusion components from a diffusers VQDiffusionPipeline folder.
 
 Returns the keyword arguments of ``VQDiffusionPipeline``: fastdiff's VQ-VAE and transformer,
-transformers' CLIP text encoder and tokenizer, the discrete schedule and the learned
-null-text embedding (None when the folder says it is not learnable).
+fastdiff's CLIP text encoder and tokenizer (read from transformers' folder formats), the
+discrete schedule and the learned null-text embedding (None when the folder says it is not
+learnable).
 """
 from __future__ import annotations
 

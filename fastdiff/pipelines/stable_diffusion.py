@@ -1,8 +1,9 @@
 """Latent diffusion / Stable Diffusion 1.x and 2.x, equal to diffusers' StableDiffusionPipeline.
 
 Same folder, prompt, negative prompt, sampler and starting latents give the same
-images: the text encoder and tokenizer are transformers' own, the UNet and VAE are
-fastdiff's modules loading the same weights, and the loop is fastdiff's fused
+images: the CLIP text encoder, tokenizer, UNet and VAE are fastdiff's own modules
+(models/clip_text.py, loaders/clip_tokenizer.py, ...) loading the same files (a single
+file's text encoder is transformers' CLIPTextModel), and the loop is fastdiff's fused
 sampler (classifier-free guidance as one UNet call on the batch of 2N).
 """
 from __future__ import annotations
