@@ -135,6 +135,9 @@ def _cmd_generate(args) -> int:
     if args.cuda_graph and device.type != "cuda":
         raise CliError(f"--cuda-graph needs a CUDA device (--device cuda); this run is on {device}")
     if args.glide is not None:
+        if args.runtime != "torch":
+            raise CliError("--runtime onnxruntime reads model folders; export GLIDE with `fastdiff export onnx --glide "
+                           "BASE_PT OUT` and pass --model OUT")
         if args.channels_last or args.fuse_qkv:
             raise CliError("--channels-last/--fuse-qkv apply to latent diffusion models, not GLIDE")
     elif args.image or args.mask or args.glide_upsampler or args.clip_guidance is not None:
@@ -142,7 +145,12 @@ def _cmd_generate(args) -> int:
     paths = plan_outputs(args.output, _image_names(prompts, args.images_per_prompt))
     if args.glide is not None:
         return _generate_glide(args, prompts, device, dtype, paths)
-    pipe = load_pipeline(args.model, device, dtype, config=args.config, tokenizer=args.tokenizer)
+    needs_modules = args.channels_last or args.fuse_qkv or args.cuda_graph or args.clip_skip is not None
+    if args.runtime != "torch" and needs_modules:
+        raise CliError("--channels-last/--fuse-qkv/--cuda-graph/--clip-skip change or read the PyTorch modules; "
+                       "--runtime onnxruntime runs exported graphs")
+    pipe = load_pipeline(args.model, device, dtype, config=args.config, tokenizer=args.tokenizer,
+                         runtime=args.runtime, progress=not args.no_progress)
     from .pipelines import VQDiffusionPipeline
 
     if isinstance(pipe, VQDiffusionPipeline):
@@ -293,6 +301,10 @@ def build_parser() -> Parser:
     gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights' dtype "
                      "(default: %(default)s; fp16 and bf16 are for GPUs: on a CPU they run slower than fp32)")
     gen.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
+    gen.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch", help="what runs the networks: "
+                     "fastdiff's PyTorch modules, or ONNX Runtime on the model's ONNX export (made once on first use "
+                     "and kept in $FASTDIFF_CACHE, default ~/.cache/fastdiff; the same images within float32's "
+                     "rounding, faster on a CPU) (default: %(default)s)")
     speed = gen.add_argument_group("GPU speed (same images)")
     speed.add_argument("--cuda-graph", action="store_true", help="capture each sampling step (U-Net on the CFG "
                        "batch + fused update) as a CUDA graph and replay it; needs --device cuda (latent diffusion "

@@ -236,11 +236,18 @@ def read_json(path: str, flag: str) -> dict:
     return data
 
 
-def load_pipeline(model, device, dtype, *, config=None, tokenizer=None):
-    """The pipeline of `model` (a folder, a single file, None = the built-in model)."""
+def load_pipeline(model, device, dtype, *, config=None, tokenizer=None, runtime="torch", progress=True):
+    """The pipeline of `model` (a folder, a single file, None = the built-in model); runtime
+    "onnxruntime": its cached ONNX export (Pipeline.from_pretrained's runtime=)."""
     from .pipelines import Pipeline
 
     with api_errors():
+        if runtime != "torch":
+            if model is not None and os.path.isfile(model) and (config or tokenizer):
+                raise CliError("--runtime onnxruntime loads a folder or a single file alone (no --config, "
+                               "--tokenizer); export such a model with `fastdiff export onnx` and pass its folder")
+            kw = dict(device=device, dtype=dtype, runtime=runtime, progress=progress)
+            return Pipeline(**kw) if model is None else Pipeline.from_pretrained(model, **kw)
         if model is None:
             return Pipeline(device=device, dtype=dtype)
         if os.path.isfile(model):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fastdiff
-from tolerances import fp32_bound, reduction_terms
+from sd_fixtures import image_terms
+from tolerances import fp32_bound, guidance_gain, reduction_terms
 
 def reference_outputs(module, inputs):
     """(the module's outputs as a list, the reduction terms of the call) on its ops' PyTorch
@@ -36,6 +37,16 @@ def assert_outputs_match(got, want, terms: int, what) -> None:
         bound = fp32_bound(max(1.0, w.abs().max().item()), terms)
         err = np.abs(g - w.numpy()).max()
         assert err <= bound, (what, err, bound)
+
+
+def onnx_bound(pipe, calls, guidance, encode=False):
+    """The images of the ONNX and PyTorch pipelines: the same math in another order, as
+    test_pipeline_sd.py's bound against diffusers (tests/tolerances.py), plus the text
+    encoder, which here differs too and feeds every UNet call."""
+    ids = torch.zeros(2, pipe.tokenizer.model_max_length, dtype=torch.long)
+    text = reduction_terms(pipe.text_encoder, lambda: pipe.text_encoder(ids))
+    gain = guidance_gain(guidance) if guidance > 1 else 1.0
+    return fp32_bound(1.0, image_terms(pipe, calls, gain=gain, encode=encode) + gain ** 2 * calls * text)
 
 
 def renamed_input(graph: str, old: str, new: str):

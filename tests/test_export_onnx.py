@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from deps import require
-from sd_fixtures import generate_counting_unet_calls, image_terms, make_pipeline
-from tolerances import fp32_bound, guidance_gain, reduction_terms
+from sd_fixtures import generate_counting_unet_calls, make_pipeline
+from tolerances import fp32_bound, reduction_terms
 
 diffusers = require("diffusers")
 onnx = require("onnx")
@@ -19,7 +19,8 @@ require("onnxscript")
 import fastdiff  # noqa: E402
 import fastdiff.export  # noqa: E402
 from onnx_fixtures import (BrokenFolder, assert_bfloat16_refused, assert_onnx_refuses,  # noqa: E402
-                           assert_outputs_match, overwritten, reference_outputs, removed)
+                           assert_outputs_match, onnx_bound, overwritten, reference_outputs,
+                           removed)
 from fastdiff.export.graphs import reference_ops  # noqa: E402
 from fastdiff.export.stable_diffusion import _TextEncoder, _UNet, _VaeDecoder, _VaeEncoder  # noqa: E402
 
@@ -143,16 +144,6 @@ def test_the_built_in_model_exports_and_runs(tmp_path):
 
 
 # --------------------------------------------------------------------------- running: from_onnx
-
-def onnx_bound(pipe, calls, guidance, encode=False):
-    """The images of the ONNX and PyTorch pipelines: the same math in another order, as
-    test_pipeline_sd.py's bound against diffusers (tests/tolerances.py), plus the text
-    encoder, which here differs too and feeds every UNet call."""
-    ids = torch.zeros(2, pipe.tokenizer.model_max_length, dtype=torch.long)
-    text = reduction_terms(pipe.text_encoder, lambda: pipe.text_encoder(ids))
-    gain = guidance_gain(guidance) if guidance > 1 else 1.0
-    return fp32_bound(1.0, image_terms(pipe, calls, gain=gain, encode=encode) + gain ** 2 * calls * text)
-
 
 @pytest.mark.parametrize("sampler, guidance", [("dpmpp_2m", 7.5), ("euler_a", 7.5), ("ddim", 1.0), ("pndm", 5.0)])
 def test_from_onnx_gives_the_pytorch_pipelines_images(exported, sampler, guidance):

@@ -9,6 +9,7 @@ this module imports none of them.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import types
@@ -26,6 +27,11 @@ from . import arguments as A
 PIPELINES: Dict[str, type] = {}
 # The key of model_index.json under which a model folder gives its own best defaults.
 FOLDER_DEFAULTS_KEY = "_fastdiff_defaults"
+
+# runtime= of from_pretrained -> (module, function) that builds such a pipeline, imported by
+# name on first use (the exporter sits above this layer: it imports the pipelines it exports).
+RUNTIMES: Dict[str, Optional[Tuple[str, str]]] = {"torch": None,
+                                                  "onnxruntime": ("fastdiff.export.cache", "onnx_pipeline")}
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "default_model")
 
@@ -90,10 +96,28 @@ class Pipeline(metaclass=_PipelineFactory):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None) -> "Pipeline":
-        """A diffusers folder (the family from its model_index.json), or an SD single file."""
+    def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None, *, runtime: str = "torch",
+                        cache_dir: Optional[Union[str, os.PathLike]] = None, progress=True) -> "Pipeline":
+        """A diffusers folder (the family from its model_index.json), or an SD single file.
+
+        runtime="torch" (the default) runs fastdiff's PyTorch modules. runtime="onnxruntime"
+        runs the text encoder, denoiser and decoder in ONNX Runtime under the same sampling
+        loop (the same images within float32's rounding): the model is exported once
+        (fastdiff.export.onnx, each graph checked) into a cache keyed by its files and the
+        library versions (fastdiff/export/cache.py; `cache_dir`, else $FASTDIFF_CACHE), and
+        later loads open that export directly. On a CPU it is the faster route at SD 1.5's
+        size (benchmarks/RESULTS.md). progress: the export's lines on stderr (True), to a
+        callable, or none (False)."""
         from ..loaders.diffusers_folder import read_model_index
 
+        if not isinstance(runtime, str) or runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(map(repr, RUNTIMES))}, got {runtime!r}")
+        if runtime != "torch":
+            module, function = RUNTIMES[runtime]
+            build = getattr(importlib.import_module(module), function)
+            return build(cls, path, device=device, dtype=dtype, cache_dir=cache_dir, progress=progress)
+        if cache_dir is not None:
+            raise ValueError("cache_dir is for runtime='onnxruntime' (where its exports are kept)")
         path = os.fspath(path)
         if os.path.isfile(path):
             family = cls._family("StableDiffusionPipeline", path)
