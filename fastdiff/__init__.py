@@ -10,7 +10,7 @@ Names are resolved on first use (PEP 562): `import fastdiff` imports no torch, s
 line starts (and `fastdiff --help` answers) without it; the kernel layer (fastdiff.ops, which
 loads fastdiff._C and registers torch.ops.fastdiff) loads with the first name that needs it.
 """
-from importlib import import_module
+from ._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -23,14 +23,4 @@ _SUBMODULES = ("ops", "sampling", "guidance", "pipelines", "loaders", "models")
 __all__ = ["Pipeline", "GlidePipeline", "StableDiffusionPipeline", "VQDiffusionPipeline", "backend_info",
            "describe_backends", "set_backend", "get_backend", "ops", "sampling", "guidance", "__version__"]
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name in _SUBMODULES:
-        return import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, _SUBMODULES)

@@ -26,7 +26,9 @@ MAX_LINES = 500  # STYLE.md #12: past ~500 lines a file is a sign to split along
 #   apps may use it (train/export.py checks its folder through fastdiff.Pipeline).
 # - "data": the procedural datasets, plain tensors with no other fastdiff import; at the
 #   bottom, so any layer may read them and they depend on nothing.
-LAYERS = ("cli", "apps", "api", "pipelines", "loaders", "guidance", "sampling", "models", "ops", "data")
+# - "support": fastdiff/_lazy.py, the package faces' lazy names (standard library only), under all.
+LAYERS = ("cli", "apps", "api", "pipelines", "loaders", "guidance", "sampling", "models", "ops", "data", "support")
+SUPPORT_MODULES = {"fastdiff._lazy"}
 CLI_MODULES = {"fastdiff.cli", "fastdiff.cli_args", "fastdiff.__main__", "fastdiff.eval.cli", "fastdiff.train.cli",
                "fastdiff.export.cli"}
 APPS = {"eval", "train", "export", "tools"}
@@ -110,6 +112,8 @@ def _layer(module: str) -> Optional[str]:
         return "cli"
     if module == "fastdiff":
         return "api"
+    if module in SUPPORT_MODULES:
+        return "support"
     parts = module.split(".")
     if len(parts) < 2:
         return None

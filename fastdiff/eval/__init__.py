@@ -7,7 +7,7 @@
 Names are resolved on first use, so `python -m fastdiff.eval.judge` runs its module once
 (importing it here eagerly would load it twice and make runpy warn).
 """
-from importlib import import_module
+from .._lazy import lazy_names
 
 _EXPORTS = {"Judge": "judge", "train_judge": "judge", "DEFAULT_JUDGE_DIR": "judge_files",
             "evaluate": "attributes", "attribute_scores": "attributes", "format_table": "attributes",
@@ -15,12 +15,4 @@ _EXPORTS = {"Judge": "judge", "train_judge": "judge", "DEFAULT_JUDGE_DIR": "judg
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -12,7 +12,7 @@ options ask) and writes what its ONNX pipeline reads beside them:
 Names are resolved on first use (PEP 562), so `fastdiff export --help` (cli.py) starts without
 importing torch; they live in onnx_export.py (the entry point and its checks) and graphs.py.
 """
-from importlib import import_module
+from .._lazy import lazy_names
 
 _EXPORTS = {"onnx": "onnx_export", "check_options": "onnx_export", "check_out_dir": "onnx_export",
             "exporter_for": "onnx_export", "require_packages": "onnx_export", "EXPORTERS": "onnx_export",
@@ -21,12 +21,4 @@ _EXPORTS = {"onnx": "onnx_export", "check_options": "onnx_export", "check_out_di
 
 __all__ = ["onnx", "check_options", "check_out_dir", "exporter_for", "require_packages", "DEFAULT_OPSET", "EXPORTERS"]
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

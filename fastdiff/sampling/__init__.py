@@ -3,7 +3,7 @@
 Names are resolved on first use (PEP 562), so the sampler names (names.py) are read without
 importing torch: `fastdiff --help` lists them that way.
 """
-from importlib import import_module
+from .._lazy import lazy_names
 
 _EXPORTS = {
     "Denoiser": "denoiser", "ModelOutput": "denoiser", "as_model_output": "denoiser",
@@ -22,12 +22,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -12,7 +12,7 @@ loop), trainer (the two stages), export (the diffusers folder and TRAINING.md), 
 Names are resolved on first use (PEP 562), so `fastdiff train --help` (cli.py, which reads only
 config.py) starts without importing torch.
 """
-from importlib import import_module
+from .._lazy import lazy_names
 
 _EXPORTS = {"TrainConfig": "config", "AutoencoderArch": "config", "UNetArch": "config", "TextEncoderArch": "config",
             "AutoencoderTraining": "config", "DiffusionTraining": "config", "PRESETS": "config", "preset": "config",
@@ -21,12 +21,4 @@ _EXPORTS = {"TrainConfig": "config", "AutoencoderArch": "config", "UNetArch": "c
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)
