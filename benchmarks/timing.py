@@ -231,6 +231,33 @@ def bench(benchmark, fn: Callable[[], object], *, rounds: int, device="cpu", cal
     return timing
 
 
+def alternate(benchmark, fns: "dict[str, Callable[[], object]]", *, rounds: int, warmup_rounds: int = 1) -> dict:
+    """Each of `fns` called once per round, in turn, for `rounds` timed rounds (pytest-benchmark's
+    pedantic runs them: its figure is one round of all), after `warmup_rounds` untimed ones:
+    drifts of the machine (clock, other load) then reach every side alike. Returns
+    {name: [seconds of each call]} (wall clock: CPU work only)."""
+    times = {name: [] for name in fns}
+
+    def one_round(record=True):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if record:
+                times[name].append(time.perf_counter() - start)
+
+    for _ in range(warmup_rounds):
+        one_round(record=False)
+    if getattr(benchmark, "disabled", False):
+        one_round()
+    else:
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update(device=device_name("cpu"), device_type="cpu", threads=torch.get_num_threads(),
+                                alternated_rounds=rounds,
+                                median_s={name: statistics.median(v) for name, v in times.items()},
+                                min_s={name: min(v) for name, v in times.items()})
+    return times
+
+
 def assert_varied(**tensors) -> None:
     """Refuse to time on zeros or constant inputs (a kernel can skip work on them)."""
     for name, t in tensors.items():
