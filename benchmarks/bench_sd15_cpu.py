@@ -60,7 +60,6 @@ TINY = os.environ.get("FASTDIFF_BENCH_SD15_TINY") == "1"
 ALL_ROUTES = os.environ.get("FASTDIFF_BENCH_SD15_ROUTES") == "1"
 SAMPLE_SIZE = 32  # latent pixels: 256 x 256 images
 STEPS, SCALE = 4, 7.5
-ROUNDS = 5
 PROMPT, NEGATIVE = "a red circle above a blue square", "blurry"
 if TINY:
     ARCH = dict(unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
@@ -241,18 +240,22 @@ def _table(rows, header) -> str:
     return "\n".join(lines)
 
 
+def on_inputs(call):
+    """call(x, t, context) on unet_inputs(), without gradients, as a function of nothing (to time)."""
+    x, t, context = unet_inputs()
+
+    def run():
+        with torch.no_grad():
+            return call(x, t, context)
+    return run
+
+
 def test_sd15_unet_call_cpu_fp32(benchmark, unets):
     x, t, context = unet_inputs()
     assert_varied(x=x, context=context)
     benchmark.group = f"SD 1.5 UNet call cpu fp32 batch 2 (CFG) {SAMPLE_SIZE}x{SAMPLE_SIZE} latents, alternated"
-
-    def call(route):
-        def fn():
-            with torch.no_grad():
-                return unets["calls"][route](x, t, context)
-        return fn
-
-    times = alternate(benchmark, {route: call(route) for route in ROUTES}, rounds=3 if not TINY else 2)
+    times = alternate(benchmark, {route: on_inputs(unets["calls"][route]) for route in ROUTES},
+                      rounds=3 if not TINY else 2)
     median = {route: statistics.median(v) for route, v in times.items()}
     ceiling = gemm_ceiling(256 if TINY else 2048)
     total = unets["flops"]["total"]
@@ -275,18 +278,10 @@ def test_sd15_unet_route_cpu_fp32(benchmark, pipes, unets, reference_output, rou
     """One other route, alternated with fastdiff's eager UNet (then freed: one extra copy at a time)."""
     import gc
 
-    x, t, context = unet_inputs()
     benchmark.group = f"SD 1.5 UNet call cpu fp32 {route} vs fastdiff eager, alternated"
     call, error, prep = checked_route(route, pipes, reference_output)
-    eager = unets["calls"]["fastdiff"]
-
-    def timed(fn):
-        def run():
-            with torch.no_grad():
-                return fn(x, t, context)
-        return run
-
-    times = alternate(benchmark, {"fastdiff": timed(eager), route: timed(call)}, rounds=3 if not TINY else 2)
+    times = alternate(benchmark, {"fastdiff": on_inputs(unets["calls"]["fastdiff"]), route: on_inputs(call)},
+                      rounds=3 if not TINY else 2)
     median = {name: statistics.median(v) for name, v in times.items()}
     total = unets["flops"]["total"]
     row = (f"| {route} | {median[route]:.3f} s | fastdiff eager {median['fastdiff']:.3f} s | "
@@ -318,12 +313,11 @@ def torch_profile(call, x, t, context) -> dict:
 
 def ort_profile(onnx_file: str, x, t, context, folder: str) -> dict:
     """{class: seconds} of one call from ONNX Runtime's profiler (its node events by op type)."""
-    options = ort.SessionOptions()
+    from fastdiff.loaders.onnx_folder import session_options
+
+    options = session_options()  # the pipeline's own settings, profiling on
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(folder, "ort_profile")
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     kinds = {i.name: i.type for i in session.get_inputs()}

@@ -241,21 +241,20 @@ def load_pipeline(model, device, dtype, *, config=None, tokenizer=None, runtime=
     "onnxruntime": its cached ONNX export (Pipeline.from_pretrained's runtime=)."""
     from .pipelines import Pipeline
 
+    single_file = model is not None and os.path.isfile(model)
+    kw = {} if runtime == "torch" else dict(runtime=runtime, progress=progress)
     with api_errors():
-        if runtime != "torch":
-            if model is not None and os.path.isfile(model) and (config or tokenizer):
-                raise CliError("--runtime onnxruntime loads a folder or a single file alone (no --config, "
-                               "--tokenizer); export such a model with `fastdiff export onnx` and pass its folder")
-            kw = dict(device=device, dtype=dtype, runtime=runtime, progress=progress)
-            return Pipeline(**kw) if model is None else Pipeline.from_pretrained(model, **kw)
+        if kw and single_file and (config or tokenizer):
+            raise CliError("--runtime onnxruntime loads a folder or a single file alone (no --config, "
+                           "--tokenizer); export such a model with `fastdiff export onnx` and pass its folder")
         if model is None:
-            return Pipeline(device=device, dtype=dtype)
-        if os.path.isfile(model):
+            return Pipeline(device=device, dtype=dtype, **kw)
+        if single_file and not kw:
             from .pipelines import StableDiffusionPipeline
 
             return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer,
                                                             device=device, dtype=dtype)
-        return Pipeline.from_pretrained(model, device=device, dtype=dtype)
+        return Pipeline.from_pretrained(model, device=device, dtype=dtype, **kw)
 
 
 def add_glide_model_arguments(group) -> None:

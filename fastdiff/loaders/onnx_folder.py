@@ -77,6 +77,21 @@ def onnx_device(providers: Sequence[str]) -> torch.device:
     return torch.device("cpu")
 
 
+def session_options():
+    """The SessionOptions every graph of an ONNX pipeline runs with. The networks and torch's
+    sampler step run one after the other: ONNX Runtime's pool takes torch's thread count, with
+    spinning off so neither pool burns the cores the other needs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 def _session(file: str, providers: Sequence[str], device: torch.device):
     """An InferenceSession on `providers`; on `device` (onnx_device(providers)) when that is a GPU."""
     try:
@@ -90,14 +105,7 @@ def _session(file: str, providers: Sequence[str], device: torch.device):
     unknown = [p for p in providers if p not in available]
     if unknown:
         raise ValueError(f"providers {unknown} are not available in this ONNX Runtime; available: {available}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # The networks and torch's sampler step run one after the other: ORT's pool takes torch's
-    # thread count, with spinning off so neither pool burns the cores the other needs.
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options = session_options()
     chosen: List[Any] = list(providers)
     if device.type == "cuda":  # torch's device and stream: no copies, no cross-stream waits
         stream = torch.cuda.current_stream(device).cuda_stream
