@@ -86,8 +86,11 @@ def check_callback(name: str, fn):
     return fn
 
 
-def make_generator(seed, generator) -> Optional[torch.Generator]:
-    """The generator to draw with: a CPU generator seeded with `seed`, or `generator` as given."""
+def make_generator(seed, generator, count: Optional[int] = None):
+    """The generator to draw with: a CPU generator seeded with `seed`, or `generator` as given.
+
+    `generator` may be a list of `count` generators, one per image (diffusers' convention): image
+    i's noise then comes from generator i alone, whatever the batch (fastdiff.sampling.noise)."""
     if seed is not None and generator is not None:
         raise ValueError("give either seed or generator, not both")
     if seed is not None:
@@ -96,6 +99,17 @@ def make_generator(seed, generator) -> Optional[torch.Generator]:
         if not 0 <= int(seed) < SEED_LIMIT:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
         return torch.Generator().manual_seed(int(seed))
+    if isinstance(generator, (list, tuple)):
+        if count is not None and len(generator) != count:
+            raise ValueError(f"a list of generators needs one per image: {count} images, "
+                             f"got {len(generator)} generators")
+        bad = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+        if bad or not generator:
+            raise TypeError(f"generator must be a torch.Generator or a non-empty list of them, got a list "
+                            f"holding {bad[0] if bad else 'nothing'}")
+        if len({g.device for g in generator}) > 1:
+            raise ValueError("the per-image generators must all be on one device")
+        return list(generator)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__} "
                         f"(for a number, pass seed=)")

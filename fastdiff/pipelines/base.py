@@ -244,7 +244,7 @@ class Pipeline(metaclass=_PipelineFactory):
         a.negative_prompts = A.check_negative_prompts(a.negative_prompt, a.prompts)
         a.num_images_per_prompt = A.check_int("num_images_per_prompt", a.num_images_per_prompt)
         a.guidance_scale = A.check_real("guidance_scale", a.guidance_scale)
-        a.generator = A.make_generator(a.seed, a.generator)
+        a.generator = A.make_generator(a.seed, a.generator, len(a.prompts) * a.num_images_per_prompt)
         A.check_callback("callback", a.callback)
         self.check_family(a)
         return a

@@ -34,7 +34,7 @@ from ..guidance import ClassifierFreeGuidance
 from ..models.adm_unet import Text2ImUNet
 from ..sampling import SAMPLERS, SchedulerConfig, run_plan, sample
 from ..sampling.graphs import GraphCache
-from ..sampling.noise import randn
+from ..sampling.noise import Generators, is_per_sample, randn
 from ..sampling.respaced import RespacedSchedule, named_betas, respaced_ddim_plan, respaced_ddpm_plan
 from . import arguments as A
 from .base import Pipeline, register_pipeline, to_output
@@ -56,6 +56,8 @@ class _GlideDraws:
 
     def draw(self, shape: Sequence[int]) -> Tensor:
         n = shape[0]
+        if is_per_sample(self.generator):  # one generator per image: only the images' own rows are drawn
+            return randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
         full = (self.drawn_batch,) + tuple(shape[1:])
         return randn(full, generator=self.generator, device=self.device, dtype=self.dtype)[:n]
 
@@ -313,7 +315,7 @@ class GlidePipeline(Pipeline):
         negative_prompt=None,
         sampler: Optional[str] = None,
         seed: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Generators] = None,
         num_images_per_prompt: int = 1,
         height: Optional[int] = None,
         width: Optional[int] = None,

@@ -19,7 +19,7 @@ from ..guidance import ClassifierFreeGuidance
 from ..loaders import stable_diffusion as sd_loader
 from ..sampling import SchedulerConfig, sample
 from ..sampling.graphs import GraphCache
-from ..sampling.noise import randn, randn_like
+from ..sampling.noise import Generators, randn, randn_like
 from . import arguments as A
 from .base import FOLDER_DEFAULTS_KEY, Pipeline, register_pipeline, to_output
 from .images import image_tensor
@@ -212,7 +212,7 @@ class StableDiffusionPipeline(Pipeline):
         negative_prompt: Optional[Union[str, Sequence[str]]] = None,
         sampler: Optional[str] = None,
         seed: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Generators] = None,
         num_images_per_prompt: int = 1,
         height: Optional[int] = None,
         width: Optional[int] = None,
@@ -240,6 +240,9 @@ class StableDiffusionPipeline(Pipeline):
         height / width: multiples of the VAE's factor (8), up to MAX_SIZE_FACTOR times the
             model's native size.
         eta: DDIM's noise (>= 0); a sampler that takes none warns.
+        generator: a torch.Generator, or a list of one per image (diffusers' convention): image i's
+            noise, initial and at every stochastic step, then comes from generator i alone, so it
+            does not depend on the batch (fastdiff.sampling.noise).
         image / strength: img2img (see fastdiff/pipelines/images.py for what an image may
             be: floats in [0, 1], uint8 in 0-255, a path...), strength in (0, 1].
         cond_fn(x, t) -> gradient: classifier guidance, for samplers whose registry entry

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..loaders import vq_diffusion as vq_loader
 from ..sampling.discrete import DiscreteScheduleConfig, sample_discrete
+from ..sampling.noise import Generators
 from . import arguments as A
 from .base import Pipeline, register_pipeline, to_output
 
@@ -122,7 +123,7 @@ class VQDiffusionPipeline(Pipeline):
         negative_prompt=None,
         sampler: Optional[str] = None,
         seed: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Generators] = None,
         num_images_per_prompt: int = 1,
         height: Optional[int] = None,
         width: Optional[int] = None,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..ops import reference as R
+from .noise import draw_device, rand
 
 # log of the floor diffusers' index_to_log_onehot uses for the zeros of a one-hot vector.
 _LOG_ONEHOT_FLOOR = float(np.log(1e-30))
@@ -111,7 +112,7 @@ def gumbel_uniform(batch: int, num_classes: int, num_tokens: int, last_step: boo
     (never sampled at t = 0) reproduces diffusers' tokens exactly.
     """
     rows = num_classes - 1 if last_step else num_classes
-    u = torch.rand((batch, rows, num_tokens), generator=generator, device=device)
+    u = rand((batch, rows, num_tokens), generator=generator, device=device)
     if last_step:
         u = torch.cat([u, u.new_zeros(batch, 1, num_tokens)], dim=1)
     return u
@@ -155,14 +156,14 @@ def sample_discrete(denoise, x: torch.Tensor, config, num_inference_steps: int, 
     scale = None
     if guidance_scale is not None and guidance_scale > 1.0:
         scale = torch.tensor([float(guidance_scale)], dtype=torch.float32, device=device)
-    draw_device = generator.device if generator is not None else device
+    where = draw_device(generator, device)
     with progress_bar(len(timesteps), "vq-diffusion", progress) as tick:
         for i, t in enumerate(timesteps):
             cond, uncond = denoise(x, ts[i : i + 1])
             if (uncond is None) != (scale is None):
                 raise ValueError("denoise must return an unconditional half exactly when guidance is on")
             noise = gumbel_uniform(x.shape[0], config.num_vec_classes, x.shape[1], last_step=t == 0,
-                                   generator=generator, device=draw_device).to(device)
+                                   generator=generator, device=where).to(device)
             x_prev, _ = discrete_step(x, cond, uncond, scale, coeffs=rows[i], noise=noise,
                                       truncation_rate=truncation_rate)
             if callback is not None:
