@@ -325,11 +325,15 @@ def build_parser() -> Parser:
     glide.add_argument("--mask", help="inpainting: a greyscale mask, white = keep the image, black = generate")
     gen.set_defaults(func=command(_cmd_generate))
     from .eval.cli import add_eval_parser
+    from .eval.metrics_cli import add_metrics_parser
+    from .eval.sample_cli import add_sample_parser
     from .export.cli import add_export_parser
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_sample_parser(sub)
+    add_metrics_parser(sub)
     demo = sub.add_parser(
         "demo", help="sample images of coloured shapes through the engine (no weights, offline)",
         description="Samples images with classifier-free guidance through fastdiff's fused sampler, using the "

@@ -71,6 +71,8 @@ except ImportError:  # Python 3.10: the list's quoted items, read by hand
 PY
   )
   pip install --quiet "${test_tools[@]}"
+  # The IS/FID/KID oracle, without its torchvision requirement (see pyproject.toml's [test] extra).
+  pip install --quiet --no-deps "torch-fidelity==0.4.0"
 fi
 
 say "checking the build"

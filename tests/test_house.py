@@ -30,7 +30,7 @@ MAX_LINES = 500  # STYLE.md #12: past ~500 lines a file is a sign to split along
 LAYERS = ("cli", "apps", "api", "pipelines", "loaders", "guidance", "sampling", "models", "ops", "data", "support")
 SUPPORT_MODULES = {"fastdiff._lazy"}
 CLI_MODULES = {"fastdiff.cli", "fastdiff.cli_args", "fastdiff.__main__", "fastdiff.eval.cli", "fastdiff.train.cli",
-               "fastdiff.export.cli"}
+               "fastdiff.export.cli", "fastdiff.eval.sample_cli", "fastdiff.eval.metrics_cli"}
 APPS = {"eval", "train", "export", "tools"}
 
 

@@ -84,6 +84,21 @@ class Judge(nn.Module):
         self.train(was_training)
         return predictions
 
+    @torch.no_grad()
+    def embed(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """The judge's penultimate layer (its `hidden` ReLU features, float32 [B, hidden]) of images
+        [B, 3, H, W] in [-1, 1], resized as predict() resizes them: an Inception-free feature space for
+        FID/KID in the shapes domain (fastdiff.eval.fidelity)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out = [self.trunk(self.features(resize_to_judge(images[start:start + batch_size].to(device, torch.float32))))
+               .cpu() for start in range(0, images.shape[0], batch_size)]
+        self.train(was_training)
+        return torch.cat(out)
+
     def save(self, path: str) -> None:
         """Writes `path`/judge.safetensors (weights) and `path`/judge.json (architecture, class names, record)."""
         from safetensors.torch import save_file

@@ -1,0 +1,105 @@
+"""`fastdiff sample`: N images for evaluation, one process or many (torchrun), resumable.
+
+Registered by fastdiff/cli.py through add_sample_parser(subparsers); the work is
+fastdiff.eval.batch.sample_images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..cli_args import (CliError, add_glide_model_arguments, api_errors, check_device, command, finite_float,
+                        load_glide_pipeline, load_pipeline, positive_int, random_seed)
+
+PROMPTS_HELP = ("captions: a text file (one per line), a JSONL file ({\"index\", \"caption\", ...} per line), "
+                "MS-COCO's captions_val2014.json (one caption drawn per image with --prompt-seed, as the "
+                "reference study did; image and caption ids recorded), or scenes:heldout / scenes:train (the "
+                "built-in model's procedural scenes, which `fastdiff metrics` can render as the real images)")
+
+
+def add_sample_parser(subparsers) -> argparse.ArgumentParser:
+    from ..sampling.names import SAMPLER_NAMES
+
+    parser = subparsers.add_parser(
+        "sample", help="generate N images for evaluation (per-image seeds, torchrun, resumable)",
+        description="Generates image i of a caption list as OUT/{i:06d}.png for every i not made yet. Image i's "
+                    "noise depends only on --seed and i (its own generator), and it is always made in the same "
+                    "batch of --batch-size, so any number of processes gives the same bytes. Run under torchrun "
+                    "(or anything that sets RANK, WORLD_SIZE, LOCAL_RANK) to split the work: one GPU per process "
+                    "(cuda:LOCAL_RANK), or CPU processes (gloo). Each image is written atomically with a line in "
+                    "its rank's manifest; run the same command again to resume a stopped run (a different run's "
+                    "folder is refused). Ends with OUT/manifest.jsonl (index, caption, seed, model, sampler, steps, "
+                    "guidance per image) and OUT/run.json (every setting, hashed).",
+        epilog="examples:\n  fastdiff sample --prompts scenes:heldout --num-images 500 --output runs/builtin-g3 --guidance 3\n"
+               "  torchrun --standalone --nproc_per_node=2 -m fastdiff sample --model sd15/ "
+               "--prompts annotations/captions_val2014.json --num-images 10000 --output runs/sd15",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", required=True, metavar="SOURCE", help=PROMPTS_HELP)
+    parser.add_argument("--output", required=True, metavar="DIR", help="the run's folder (created; reused to resume)")
+    parser.add_argument("--num-images", type=positive_int, metavar="N", help="number of images (default: every "
+                        "caption of a text/JSONL file, every captioned COCO image; required for scenes)")
+    parser.add_argument("--prompt-seed", type=random_seed, default=0, help="draws COCO captions / scenes "
+                        "(default: %(default)s)")
+    parser.add_argument("--model", default=None, help="model folder (diffusers layout: SD, VQ-Diffusion, an ONNX "
+                        "export) or SD single file (default: the built-in model)")
+    add_glide_model_arguments(parser.add_argument_group("GLIDE (instead of --model)"))
+    parser.add_argument("--seed", type=random_seed, default=0, help="run seed: image i's generator is seeded with a "
+                        "hash of (seed, i), recorded in the manifest (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's)")
+    parser.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), help="sampler (default: the model's)")
+    parser.add_argument("--negative-prompt", help="negative prompt for every image (latent diffusion)")
+    parser.add_argument("--height", type=positive_int, help="image height (default: the model's)")
+    parser.add_argument("--width", type=positive_int, help="image width (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (one CFG call of 2x); part "
+                        "of the run's settings (default: %(default)s)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available, else cpu)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights' dtype "
+                        "(default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
+    parser.set_defaults(func=run_sample)
+    return parser
+
+
+def _device(args, ranks):
+    import torch
+
+    if args.device is None and torch.cuda.is_available():
+        return check_device(f"cuda:{ranks.local_rank % torch.cuda.device_count()}")
+    return check_device(args.device)
+
+
+def _model_name(args) -> str:
+    if args.glide:
+        return "glide:" + os.path.abspath(args.glide)
+    return "built-in" if args.model is None else os.path.abspath(args.model)
+
+
+@command
+def run_sample(args) -> int:
+    import torch
+
+    from .batch import Ranks, sample_images
+    from .prompts import load_prompts
+
+    if args.glide and args.model:
+        raise CliError("give --model or --glide, not both")
+    with api_errors():
+        ranks = Ranks.from_env()
+        prompts = load_prompts(args.prompts, n=args.num_images, seed=args.prompt_seed)
+    device = _device(args, ranks)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.glide:
+        pipe = load_glide_pipeline(args, device, dtype)
+    else:
+        pipe = load_pipeline(args.model, device, dtype)
+    with api_errors():
+        summary = sample_images(pipe, prompts, args.output, model=_model_name(args), seed=args.seed,
+                                num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                                batch_size=args.batch_size, height=args.height, width=args.width,
+                                negative_prompt=args.negative_prompt, progress=not args.no_progress, ranks=ranks)
+    if ranks.rank == 0:
+        print(json.dumps(summary), file=sys.stdout)
+    return 0
