@@ -219,7 +219,8 @@ def test_coco_files_without_captions_are_refused(tmp_path, content, match):
 def test_text_and_jsonl_prompts(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("a red circle\n\n  a blue square  \n")
-    assert load_prompts(str(text)) == [{"index": 0, "caption": "a red circle"}, {"index": 1, "caption": "a blue square"}]
+    assert load_prompts(str(text)) == [{"index": 0, "caption": "a red circle"},
+                                       {"index": 1, "caption": "a blue square"}]
     with pytest.raises(PromptError, match="3 images asked for, but the file holds 2"):
         load_prompts(str(text), n=3)
     jsonl = tmp_path / "p.jsonl"

@@ -229,7 +229,8 @@ def _check_prompts(prompts) -> List[dict]:
     if not prompts:
         raise ValueError("no prompts to generate")
     for position, prompt in enumerate(prompts):
-        if not isinstance(prompt, dict) or prompt.get("index") != position or not isinstance(prompt.get("caption"), str):
+        if not isinstance(prompt, dict) or prompt.get("index") != position \
+                or not isinstance(prompt.get("caption"), str):
             raise ValueError(f"prompts[{position}] must be a dict with index {position} and a caption string "
                              f"(fastdiff.eval.prompts.load_prompts makes them), got {prompt!r:.80}")
     return prompts

@@ -32,7 +32,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                     "its rank's manifest; run the same command again to resume a stopped run (a different run's "
                     "folder is refused). Ends with OUT/manifest.jsonl (index, caption, seed, model, sampler, steps, "
                     "guidance per image) and OUT/run.json (every setting, hashed).",
-        epilog="examples:\n  fastdiff sample --prompts scenes:heldout --num-images 500 --output runs/builtin-g3 --guidance 3\n"
+        epilog="examples:\n  fastdiff sample --prompts scenes:heldout --num-images 500 --output runs/builtin-g3 "
+               "--guidance 3\n"
                "  torchrun --standalone --nproc_per_node=2 -m fastdiff sample --model sd15/ "
                "--prompts annotations/captions_val2014.json --num-images 10000 --output runs/sd15",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,8 +54,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--negative-prompt", help="negative prompt for every image (latent diffusion)")
     parser.add_argument("--height", type=positive_int, help="image height (default: the model's)")
     parser.add_argument("--width", type=positive_int, help="image width (default: the model's)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (one CFG call of 2x); part "
-                        "of the run's settings (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (one CFG call "
+                        "of 2x); part of the run's settings (default: %(default)s)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available, else cpu)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights' dtype "
                         "(default: %(default)s)")
