@@ -142,6 +142,10 @@ def _cmd_generate(args) -> int:
             raise CliError("--channels-last/--fuse-qkv apply to latent diffusion models, not GLIDE")
     elif args.image or args.mask or args.glide_upsampler or args.clip_guidance is not None:
         raise CliError("--image/--mask/--glide-upsampler/--clip-guidance are GLIDE options; give --glide BASE.pt")
+    if args.glide is not None and (args.thresholding or args.dynamic_thresholding_ratio is not None
+                                   or args.sample_max_value is not None):
+        raise CliError("--thresholding/--dynamic-thresholding-ratio/--sample-max-value are latent diffusion "
+                       "options (diffusers' schedulers); GLIDE clips x0 to [-1, 1]")
     paths = plan_outputs(args.output, _image_names(prompts, args.images_per_prompt))
     if args.glide is not None:
         return _generate_glide(args, prompts, device, dtype, paths)
@@ -168,7 +172,9 @@ def _cmd_generate(args) -> int:
             **_typed(negative_prompt=[args.negative] * len(prompts) if args.negative else None,
                      num_inference_steps=args.steps, guidance_scale=args.guidance,
                      guidance_rescale=args.guidance_rescale, sampler=args.sampler, eta=args.eta,
-                     height=args.height, width=args.width, clip_skip=args.clip_skip, cuda_graph=args.cuda_graph))
+                     height=args.height, width=args.width, clip_skip=args.clip_skip, cuda_graph=args.cuda_graph,
+                     thresholding=args.thresholding, dynamic_thresholding_ratio=args.dynamic_thresholding_ratio,
+                     sample_max_value=args.sample_max_value))
     _save_images(images, paths, time.perf_counter() - start)
     return 0
 
@@ -178,7 +184,10 @@ def _generate_vq(args, pipe, prompts, paths) -> int:
                                        ("--height", args.height), ("--width", args.width),
                                        ("--clip-skip", args.clip_skip), ("--guidance-rescale", args.guidance_rescale),
                                        ("--eta", args.eta), ("--cuda-graph", args.cuda_graph),
-                                       ("--channels-last", args.channels_last), ("--fuse-qkv", args.fuse_qkv))
+                                       ("--channels-last", args.channels_last), ("--fuse-qkv", args.fuse_qkv),
+                                       ("--thresholding", args.thresholding),
+                                       ("--dynamic-thresholding-ratio", args.dynamic_thresholding_ratio),
+                                       ("--sample-max-value", args.sample_max_value))
               if value is not None and value is not False]
     if unused:
         raise CliError(f"{', '.join(unused)} do not apply to VQ-Diffusion (it samples tokens of a fixed grid "
@@ -288,6 +297,12 @@ def build_parser() -> Parser:
                      f"off ({MODEL_DEFAULT})")
     gen.add_argument("--sampler", choices=list(SAMPLER_NAMES), help=f"sampler ({MODEL_DEFAULT})")
     gen.add_argument("--eta", type=finite_float, help=f"DDIM eta ({MODEL_DEFAULT})")
+    gen.add_argument("--thresholding", action="store_true", default=None, help="Imagen's dynamic thresholding of "
+                     "each step's x0 (latent diffusion; ddpm, ddim, dpmpp_2m samplers)")
+    gen.add_argument("--dynamic-thresholding-ratio", type=finite_float, metavar="P", help="the quantile of |x0| "
+                     "that sets each image's threshold, in (0, 1] (default: the scheduler config's, else 0.995)")
+    gen.add_argument("--sample-max-value", type=finite_float, metavar="S", help="the largest threshold (default: "
+                     "the scheduler config's, else 1.0)")
     gen.add_argument("--seed", type=random_seed, default=0, help="random seed; the same seed gives the same "
                      "images (default: %(default)s)")
     gen.add_argument("--truncation-rate", type=finite_float, help="VQ-Diffusion: keep each token's most likely "

@@ -315,3 +315,45 @@ def test_fp16_on_the_gpu_is_as_close_to_fp32_as_diffusers_fp16(pipes):
                         cuda_graph=True, **kw).float()
     mine = (got - exact).abs().max().item()
     assert mine <= 2 * theirs + 1e-3, (mine, theirs)
+
+
+@pytest.mark.parametrize("sampler, guidance", [("ddim", 1.0), ("ddpm", 7.5), ("dpmpp_2m", 7.5)])
+def test_dynamic_thresholding_same_images_as_diffusers(pipes, sampler, guidance):
+    """generate(thresholding=True, ...) equals diffusers with the same keys in its scheduler config;
+    the ratio and max value make the per-image threshold land inside (1, max) so both bounds act,
+    and the images differ from unthresholded ones far beyond the bound. DDIM runs unguided: its
+    update keeps the model's eps beside the thresholded x0, and at guidance 7.5 the two paths drift
+    apart by 1.2e-3 over 8 steps (sd1; the same with plain clip_sample=True, so not thresholding's),
+    growing step by step as rounding does rather than jumping as a wrong formula would, but past
+    the derived bound (9e-4), whose terms do not model a clipped x0 beside an unclipped eps."""
+    _, ref, ours = pipes
+    with_scheduler(ref, sampler)
+    keys = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    plain_config = ref.scheduler.config
+    ref.scheduler = type(ref.scheduler).from_config(plain_config, **keys)
+    latents = latents_for(ref)
+    try:
+        want = ref(PROMPTS, num_inference_steps=STEPS, guidance_scale=guidance, latents=latents.clone(),
+                   output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    finally:
+        ref.scheduler = type(ref.scheduler).from_config(plain_config, thresholding=False)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=guidance, sampler=sampler, latents=latents.clone(),
+              output_type="pt", progress=False, seed=0)
+    got, calls = generate_counting_unet_calls(ours, PROMPTS, **kw, **keys)
+    assert_same_images(got, want, ours, calls, guidance)
+    plain = ours.generate(PROMPTS, **kw)
+    assert (plain - got).abs().max() > 20 * fp32_bound(1.0, image_terms(ours, calls, gain=guidance_gain(guidance)))
+
+
+def test_thresholding_arguments_are_checked(pipes):
+    _, _, ours = pipes
+    with pytest.raises(ValueError, match="no dynamic thresholding"):
+        ours.generate("a red circle", thresholding=True, sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
+        ours.generate("a red circle", thresholding=True, dynamic_thresholding_ratio=1.5, sampler="ddim",
+                      progress=False)
+    with pytest.raises(ValueError, match="sample_max_value"):
+        ours.generate("a red circle", thresholding=True, sample_max_value=float("nan"), sampler="ddim",
+                      progress=False)
+    with pytest.warns(UserWarning, match="sample_max_value has no effect"):
+        ours.generate("a red circle", sample_max_value=2.0, sampler="ddim", num_inference_steps=1, progress=False)

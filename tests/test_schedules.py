@@ -1,5 +1,4 @@
 """Schedules, spacings, GLIDE respacing, config loading and bad names."""
-import json
 
 import numpy as np
 import pytest
@@ -79,8 +78,12 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         SchedulerConfig.from_json(tmp_path)
-    with pytest.raises(ValueError, match="does not support"):
-        SchedulerConfig.from_dict(dict(thresholding=True))
+    # thresholding is read now (tests/test_thresholding.py); the keys fastdiff cannot honour are refused
+    assert SchedulerConfig.from_dict(dict(thresholding=True)).thresholding is True
+    for key, value in [("use_exponential_sigmas", True), ("use_lu_lambdas", True), ("timestep_type", "continuous"),
+                       ("interpolation_type", "log_linear"), ("euler_at_final", True)]:
+        with pytest.raises(ValueError, match=f"sets {key}={value!r}, which fastdiff does not support"):
+            SchedulerConfig.from_dict({key: value})
 
 
 def test_unknown_names_list_the_valid_ones():

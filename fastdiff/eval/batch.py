@@ -156,20 +156,21 @@ def _read_manifests(folder: str) -> Dict[int, dict]:
     return lines
 
 
-def _generate_options(pipe, given: dict) -> dict:
+def _generate_options(pipe, given: dict, per_chunk: Optional[dict] = None) -> dict:
     """generate()'s keywords: the settings the caller gave (None ones are the pipeline's defaults,
-    which run_config records resolved)."""
+    which run_config records resolved), checked with a first chunk's own keywords `per_chunk`."""
     import inspect
 
     names = inspect.signature(pipe.generate).parameters
     options = {k: v for k, v in given.items() if v is not None}
-    missing = sorted(k for k in options if k not in names)
+    per_chunk = per_chunk or {}
+    missing = sorted(k for k in {**options, **per_chunk} if k not in names)
     if missing:
         raise ValueError(f"{type(pipe).__name__}.generate takes no {', '.join(missing)}")
     if "progress" in names:
         options["progress"] = False
     if hasattr(pipe, "check_arguments") and hasattr(pipe, "_signature_defaults"):  # the pipeline's own checks, now
-        pipe.check_arguments(dict(pipe._signature_defaults(), output_type="pil", **options))
+        pipe.check_arguments(dict(pipe._signature_defaults(), output_type="pil", **options, **per_chunk))
     return options
 
 
@@ -240,11 +241,14 @@ def sample_images(pipe, prompts: Sequence[dict], output: str, *, model: str = ""
                   num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                   sampler: Optional[str] = None, batch_size: int = 8, height: Optional[int] = None,
                   width: Optional[int] = None, negative_prompt: Optional[str] = None, progress: bool = True,
-                  ranks: Optional[Ranks] = None) -> dict:
+                  ranks: Optional[Ranks] = None, options_for: Optional[Callable[[List[str]], dict]] = None,
+                  extra_config: Optional[dict] = None) -> dict:
     """Generate image i of `prompts` (load_prompts' dicts) into `output` for every i not there yet.
 
     None settings take the pipeline's defaults (recorded resolved in run.json). `model` names the
-    model in run.json and the manifest. Returns {"n", "generated" (by this process), "skipped",
+    model in run.json and the manifest. options_for(captions) -> more generate() keywords for a
+    chunk (e.g. its CLIP guidance, which depends on the captions); extra_config: what they are,
+    recorded in run.json and its hash (a run with other ones is refused on resume). Returns {"n", "generated" (by this process), "skipped",
     "seconds", "images_per_second", "rank", "world_size", "config_hash"}.
     """
     import torch
@@ -258,9 +262,13 @@ def sample_images(pipe, prompts: Sequence[dict], output: str, *, model: str = ""
     config = run_config(pipe, prompts, model=model, seed=seed, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, sampler=sampler, batch_size=batch_size, height=height,
                         width=width, negative_prompt=negative_prompt)
+    if extra_config:
+        config.update(extra_config)
+    options_for = options_for or (lambda captions: {})
+    first = [prompts[i]["caption"] for i in chunks(len(prompts), batch_size)[0]]
     options = _generate_options(pipe, dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                            sampler=sampler, height=height, width=width,
-                                           negative_prompt=negative_prompt))
+                                           negative_prompt=negative_prompt), dict(options_for(first), prompt=first))
     digest = config_hash(config)
     write_config = _check_folder(output, config, digest)  # every rank: the same answer, before any work
     group = ProcessGroup(ranks, getattr(pipe, "device", "cpu"))
@@ -280,7 +288,8 @@ def sample_images(pipe, prompts: Sequence[dict], output: str, *, model: str = ""
         for chunk in mine:
             captions = [prompts[i]["caption"] for i in chunk]
             generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in chunk]
-            images = pipe.generate(captions, generator=generators, output_type="pil", **options)
+            images = pipe.generate(captions, generator=generators, output_type="pil", **options,
+                                   **options_for(captions))
             for i, image in zip(chunk, images):
                 if i in done:
                     continue

@@ -35,6 +35,9 @@ class OpTypeError(TypeError, RuntimeError):
 
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# guided_step also takes float64 (served by its twin only): torch.autograd.gradcheck of its
+# backward needs float64 finite differences. The compiled and Triton kernels decline it.
+GUIDED_STEP_DTYPES = STORAGE_DTYPES + (torch.float64,)
 
 
 def _shape(t: Tensor) -> list:
@@ -82,9 +85,12 @@ def _like(t, x: Tensor, name: str, channels: int) -> None:
 
 
 def _float32_on(t, x: Tensor, name: str) -> None:
+    """coeffs and guidance_scale are float32 by the layout; with a float64 x they may also be
+    float64, so that gradcheck can perturb guidance_scale finely enough (and float64 rows
+    built on the host need not be rounded)."""
     _tensor(t, "guided_step", name)
     _same_device(t, x, "guided_step", name, "x")
-    if t.dtype != torch.float32:
+    if t.dtype != torch.float32 and not (t.dtype == torch.float64 == x.dtype):
         raise OpTypeError(f"guided_step: {name} must be float32, got {t.dtype}")
 
 
@@ -93,7 +99,8 @@ def check_guided_step(x, cond, uncond, guidance_scale, coeffs, noise, history: S
     _tensor(x, "guided_step", "x")
     if x.dim() < 2:
         raise OpValueError(f"guided_step: x must be [B, C, ...], got shape {_shape(x)}")
-    if x.dtype not in STORAGE_DTYPES:
+    if x.dtype not in GUIDED_STEP_DTYPES:
+        # The kernels' wording (csrc/guided_step/guided_step_args.h); float64 is the twin's extra.
         raise OpTypeError(f"guided_step: x must be float32, float16 or bfloat16, got {x.dtype}")
     batch, channels = x.shape[0], x.shape[1]
     _tensor(cond, "guided_step", "cond")

@@ -53,9 +53,10 @@ _OPS: Dict[str, _Op] = {}
 _TWIN_NAME = "reference"
 
 
-def compiled(name: str) -> Impl:
-    """The extension's kernel for the device's dispatch key."""
-    return Impl(name, COMPILED)
+def compiled(name: str, serves: Optional[Callable[..., bool]] = None) -> Impl:
+    """The extension's kernel for the device's dispatch key; `serves` may decline operands
+    (guided_step's float64), which ``call`` then hands to the next implementation directly."""
+    return Impl(name, COMPILED, serves=serves)
 
 
 def register(op: str, twin: Callable, **impls: Sequence[Impl]) -> None:
@@ -127,7 +128,11 @@ def call(op: str, device_type: str, args: tuple):
 
     reference: the twin. triton: a Triton implementation that serves the operands is called
     directly. Everything else goes through torch.ops.fastdiff.<op>, so that torch.compile and
-    the dispatcher see one op: its compiled kernel, or the one ``python_kernel`` registered."""
+    the dispatcher see one op: its compiled kernel, or the one ``python_kernel`` registered.
+
+    A compiled kernel that declines the operands (its ``serves``) cannot be bypassed inside
+    torch.ops.fastdiff.<op>, whose dispatch key it fills, so the implementation that serves
+    them instead is called directly."""
     backend = _library.get_backend()
     if backend == "reference":
         return _OPS[op].twin(*args)
@@ -135,7 +140,16 @@ def call(op: str, device_type: str, args: tuple):
         impl = select(op, device_type, backend, args)
         if impl.family == TRITON:
             return impl.kernel(*args)
+    if is_compiled(op, device_type) and _declined(op, device_type, backend, args):
+        return select(op, device_type, backend, args, compiled_ok=False).kernel(*args)
     return getattr(torch.ops.fastdiff, op)(*args)
+
+
+def _declined(op: str, device_type: str, backend: str, args: tuple) -> bool:
+    """Whether op's compiled kernel on device_type refuses these operands."""
+    chain = _OPS[op].impls.get(device_type, ())
+    return any(impl.family == COMPILED and impl.serves is not None and not impl.serves(backend, *args)
+               for impl in chain)
 
 
 def implementation(op: str, device_type: str, backend: Optional[str] = None) -> str:

@@ -3,11 +3,13 @@
 These are the oracles the kernels are tested against, and the implementation that
 runs when the extension is absent or ``FASTDIFF_BACKEND=reference`` is set. They are
 written for clarity (one tensor expression per line of the op's formula), compute in
-float32 whatever the storage dtype, and stay differentiable.
+float32 whatever the (16- or 32-bit) storage dtype, and stay differentiable. guided_step
+computes in torch.promote_types(dtype, float32), so its float64 inputs (gradcheck) stay
+float64; ``guided_step_backward`` is its explicit backward.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -69,27 +71,28 @@ def guided_step(
     """
     check_guided_step(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
                       learned_variance)
+    ct = compute_dtype(x.dtype)
     channels = x.shape[1]
     nd = x.dim()
-    k = [_per_sample(coeffs[:, j].float(), nd) for j in range(coeffs.shape[1])]
-    xf = x.float()
-    pred = cond[:, :channels].float()
+    k = [_per_sample(coeffs[:, j].to(ct), nd) for j in range(coeffs.shape[1])]
+    xf = x.to(ct)
+    pred = cond[:, :channels].to(ct)
     if uncond is not None:
-        s = _per_sample(guidance_scale.float(), nd)
-        u = uncond[:, :channels].float()
+        s = _per_sample(guidance_scale.to(ct), nd)
+        u = uncond[:, :channels].to(ct)
         pred = u + s * (pred - u)
     x0 = k[X0_X] * xf + k[X0_P] * pred
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
     out = k[OUT_X] * xf + k[OUT_P] * pred + k[OUT_X0] * x0
     for j, h in enumerate(history):
-        out = out + k[HIST0 + j] * h.float()
+        out = out + k[HIST0 + j] * h.to(ct)
     if noise is not None:
         std = 1.0
         if learned_variance:
-            frac = 0.5 * (cond[:, channels:].float() + 1.0)
+            frac = 0.5 * (cond[:, channels:].to(ct) + 1.0)
             std = torch.exp(0.5 * (frac * k[LOGVAR_MAX] + (1.0 - frac) * k[LOGVAR_MIN]))
-        out = out + k[OUT_NOISE] * std * noise.float()
+        out = out + k[OUT_NOISE] * std * noise.to(ct)
     fmt = output_memory_format(x)
     out = out.to(x.dtype).contiguous(memory_format=fmt)
     if write_denoised:
@@ -98,6 +101,100 @@ def guided_step(
     else:
         den = x.new_empty(0)
     return out, den
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the 16- and 32-bit storage dtypes, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _grad_like(g: Tensor, t: Tensor) -> Tensor:
+    """A gradient in t's dtype and memory format (channels-last inputs get channels-last grads)."""
+    return g.to(t.dtype).contiguous(memory_format=output_memory_format(t))
+
+
+def _reduce_scale(g: Tensor, scale: Tensor) -> Tensor:
+    """Sum a per-element gradient to guidance_scale's own shape ([1], [B] or a 0-d tensor):
+    a scale shared by the batch gets the sum over the batch."""
+    per_sample = g.reshape(g.shape[0], -1).sum(dim=1)
+    if scale.numel() == 1:
+        per_sample = per_sample.sum()
+    return per_sample.reshape(scale.shape)
+
+
+def guided_step_backward(
+    grad_out: Optional[Tensor],
+    grad_den: Optional[Tensor],
+    x: Tensor,
+    cond: Tensor,
+    uncond: Optional[Tensor],
+    guidance_scale: Optional[Tensor],
+    coeffs: Tensor,
+    noise: Optional[Tensor],
+    history: Sequence[Tensor],
+    clip_range: Optional[float],
+    learned_variance: bool,
+    write_denoised: bool,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], List[Tensor]]:
+    """The vector-Jacobian product of guided_step, by its formulas (fastdiff.ops.coeffs):
+    returns grads for (x, cond, uncond, guidance_scale, noise, history).
+
+    Written out rather than derived by autograd through the twin, so that the backward of
+    any forward kernel (C++, CUDA C++, Triton) costs one elementwise pass and no re-run of
+    the forward; pure PyTorch, no host sync (CUDA-graph safe). With g_x0 the gradient
+    reaching the (clamped) x0, the clamp passes it where |x0| <= r, as torch.clamp does:
+
+        g_x0   = OUT_X0 g_out + DEN_X0 g_den                         (masked by the clamp)
+        g_p    = OUT_P g_out + DEN_P g_den + X0_P g_x0
+        g_x    = OUT_X g_out + DEN_X g_den + X0_X g_x0
+        g_c    = s g_p,  g_u = (1 - s) g_p,  g_s = sum g_p (c - u)     (with CFG; else g_c = g_p)
+        g_h_j  = HIST_j g_out,  g_noise = OUT_NOISE std g_out
+        g_v    = OUT_NOISE noise g_out * d std / d v,  d std / d v = std (LOGVAR_MAX - LOGVAR_MIN) / 4
+    """
+    ct = compute_dtype(x.dtype)
+    channels, nd = x.shape[1], x.dim()
+    k = [_per_sample(coeffs[:, j].to(ct), nd) for j in range(coeffs.shape[1])]
+    zeros = torch.zeros((), dtype=ct, device=x.device)
+    go = zeros if grad_out is None else grad_out.to(ct)
+    gd = zeros if grad_den is None or not write_denoised or grad_den.numel() == 0 else grad_den.to(ct)
+    xf = x.to(ct)
+    c = cond[:, :channels].to(ct)
+    pred = c
+    if uncond is not None:
+        s = _per_sample(guidance_scale.to(ct), nd)
+        u = uncond[:, :channels].to(ct)
+        pred = u + s * (c - u)
+    g_x0 = k[OUT_X0] * go + k[DEN_X0] * gd
+    if clip_range is not None:
+        x0 = k[X0_X] * xf + k[X0_P] * pred
+        g_x0 = torch.where(x0.abs() <= clip_range, g_x0, zeros)
+    g_pred = k[OUT_P] * go + k[DEN_P] * gd + k[X0_P] * g_x0
+    g_x = (k[OUT_X] * go + k[DEN_X] * gd + k[X0_X] * g_x0).expand(x.shape)
+    g_u = g_s = None
+    g_c = g_pred
+    if uncond is not None:
+        g_c = s * g_pred
+        g_u = (1.0 - s) * g_pred
+        g_s = _reduce_scale((g_pred * (c - u)).expand(x.shape), guidance_scale).to(guidance_scale.dtype)
+    g_c = g_c.expand(x.shape)
+    g_var = None
+    g_noise = None
+    if noise is not None:
+        std = 1.0
+        nf = noise.to(ct)
+        if learned_variance:
+            frac = 0.5 * (cond[:, channels:].to(ct) + 1.0)
+            std = torch.exp(0.5 * (frac * k[LOGVAR_MAX] + (1.0 - frac) * k[LOGVAR_MIN]))
+            g_var = (k[OUT_NOISE] * go * nf * std * (0.25 * (k[LOGVAR_MAX] - k[LOGVAR_MIN]))).expand(x.shape)
+        g_noise = _grad_like((k[OUT_NOISE] * std * go).expand(x.shape), noise)
+    if cond.shape[1] != channels:   # 2C channels: the variance half (zero grad when unread)
+        g_c = torch.cat([g_c, torch.zeros_like(g_c) if g_var is None else g_var], dim=1)
+    if uncond is not None:
+        if uncond.shape[1] != channels:   # the unconditional variance half is never read
+            g_u = torch.cat([g_u.expand(x.shape), torch.zeros(x.shape, dtype=ct, device=x.device)], dim=1)
+        g_u = _grad_like(g_u.expand(uncond.shape), uncond)
+    g_hist = [_grad_like((k[HIST0 + j] * go).expand(x.shape), h) for j, h in enumerate(history)]
+    return _grad_like(g_x, x), _grad_like(g_c, cond), g_u, g_s, g_noise, g_hist
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,

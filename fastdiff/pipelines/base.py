@@ -263,5 +263,37 @@ class Pipeline(metaclass=_PipelineFactory):
     def generate(self, prompt, **kwargs):
         raise NotImplementedError
 
+    def optimize_latents(self, prompt, *, clip, steps=None, iterations: int = 10, lr: float = 0.05,
+                         sampler: str = "ddim", model_prompt=None, guidance_scale: Optional[float] = None,
+                         seed=None, generator=None, latents: Optional[Tensor] = None,
+                         num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool = True,
+                         callback=None, checkpoint: bool = True):
+        """CLIP-guided optimisation of the starting noise x_T (reference 003, after DiffusionCLIP).
+
+        Runs the deterministic chain of `sampler` (DDIM at eta 0 by default; a sampler that
+        draws noise is refused) over `steps` steps from x_T, and takes `iterations` Adam steps
+        (learning rate `lr`) on x_T that lower the CLIP cosine distance between the final image
+        and `prompt` (a caption, one per image, or a CLIP text embedding [D] / [B, D]). Every step
+        is checkpointed, so memory does not grow with `steps`. `clip`: a CLIP-like pair
+        (fastdiff.guidance.ClipEncoders.of: a module with encode_image / encode_text, GLIDE's
+        noised CLIP, or two callables). The model is conditioned on `model_prompt` (default:
+        the caption) at `guidance_scale` (default: generate()'s); seed / generator / latents
+        give x_T as in generate(). callback(iteration, distances) after each update.
+
+        Returns a ``LatentOptimization``: the optimised ``latents`` (generate(latents=...)
+        reproduces its images), the ``images``, and the ``distances`` [iterations + 1, B]."""
+        from .guided import optimize_latents
+
+        return optimize_latents(self, prompt, clip=clip, steps=steps, iterations=iterations, lr=lr, sampler=sampler,
+                                model_prompt=model_prompt, guidance_scale=guidance_scale, seed=seed,
+                                generator=generator, latents=latents, num_images_per_prompt=num_images_per_prompt,
+                                output_type=output_type, progress=progress, callback=callback, checkpoint=checkpoint,
+                                to_output=to_output)
+
+    def optimization_chain(self, a: types.SimpleNamespace):
+        """The family's deterministic chain for optimize_latents (a guided.Chain), from checked arguments."""
+        raise ValueError(f"{type(self).__name__} has no continuous starting noise to optimise: x_T optimisation is "
+                         f"for the pixel (GLIDE) and latent (Stable Diffusion) families")
+
     def __call__(self, *args, **kwargs):
         return self.generate(*args, **kwargs)

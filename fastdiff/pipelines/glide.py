@@ -31,13 +31,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..guidance import ClassifierFreeGuidance
+from ..guidance.contrastive import predicted_x0
 from ..models.adm_unet import Text2ImUNet
 from ..sampling import SAMPLERS, SchedulerConfig, run_plan, sample
 from ..sampling.graphs import GraphCache
 from ..sampling.noise import Generators, is_per_sample, randn
+from ..sampling.steps import Plan as S_Plan
 from ..sampling.respaced import RespacedSchedule, named_betas, respaced_ddim_plan, respaced_ddpm_plan
 from . import arguments as A
 from .base import Pipeline, register_pipeline, to_output
+from .guided import Chain, check_clip_guidance
 from .images import image_tensor, open_image
 
 # ddpm and ddim run on GLIDE's own respaced schedules (the registry's `respaced`); the other
@@ -259,7 +262,7 @@ class GlidePipeline(Pipeline):
             if self.clip is None:
                 raise ValueError("clip_guidance_scale needs a noised CLIP: load one with from_glide(..., clip=folder)")
         A.check_callback("cond_fn", a.cond_fn)
-        guided_by_gradient = a.clip_guidance_scale is not None or a.cond_fn is not None
+        guided_by_gradient = a.clip_guidance_scale is not None or a.cond_fn is not None or a.clip_guidance is not None
         if guided_by_gradient and not A.check_sampler("sampler", a.sampler).classifier_guidance:
             raise ValueError(f"CLIP / classifier guidance has no rule for sampler {a.sampler!r}; use one whose "
                              f"registry entry has classifier_guidance (e.g. ddpm, ddim)")
@@ -276,6 +279,10 @@ class GlidePipeline(Pipeline):
         A.check_fixed_size("height", a.height, size, "this GLIDE pipeline (base, then upsampler if upsample=True)")
         A.check_fixed_size("width", a.width, size, "this GLIDE pipeline (base, then upsampler if upsample=True)")
         a.n = len(a.prompts) * a.num_images_per_prompt
+        size = self.base.image_size
+        check_clip_guidance(a.clip_guidance, A.check_sampler("sampler", a.sampler), a.n,
+                            torch.zeros(1, 3, size, size, device=self.device),
+                            torch.zeros(1, dtype=torch.long, device=self.device))
         # As glide-text2im's notebooks: the guided batch runs for any scale but 1 (a scale below
         # 1 is weaker guidance, not none), where SD and VQ-Diffusion guide only above 1.
         a.guided = a.guidance_scale != 1.0
@@ -332,6 +339,7 @@ class GlidePipeline(Pipeline):
         mask=None,
         clip_guidance_scale: Optional[float] = None,
         cond_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        clip_guidance=None,
         clip_denoised: bool = True,
         cuda_graph: bool = False,
     ):
@@ -356,6 +364,9 @@ class GlidePipeline(Pipeline):
         the model's fractional timesteps, which the noised CLIP rounds to the nearest). Both
         work with every sampler: as a shift of the posterior mean for ddpm, of the score for
         the others (glide-text2im's condition_mean / condition_score).
+        clip_guidance: a fastdiff.guidance ContrastiveClipGuidance (target + distractor captions,
+        reference 003) or SphericalClipGuidance, on the base stage: a noised CLIP reads x_t,
+        another CLIP the base model's predicted x0 (differentiated through the model).
         """
         a = self.check_arguments(locals())
         prompts = [p for p in a.prompts for _ in range(a.num_images_per_prompt)]
@@ -368,7 +379,7 @@ class GlidePipeline(Pipeline):
         denoiser = self._denoiser(self.base, cond_text, uncond_text, inputs, a.guidance_scale)
         draws = _GlideDraws(a.generator, 2 * n if guided else n, device)
         x = self._start(latents, draws, (n, 3, size, size))
-        guidance_fn = self._guidance_fn(prompts, a.clip_guidance_scale, cond_fn)
+        guidance_fn = self._guidance_fn(prompts, a.clip_guidance_scale, cond_fn, a.clip_guidance, denoiser)
         x = self._run_stage(self.base, denoiser, x, a.sampler, a.base_plan, draws=draws, cond_fn=guidance_fn,
                             callback=callback, progress=progress, stage="base", denoised_fn=paste,
                             cuda_graph=cuda_graph)
@@ -437,8 +448,30 @@ class GlidePipeline(Pipeline):
         # GLIDE's order: conditional half first.
         return ClassifierFreeGuidance(call, cond, uncond, float(scale), uncond_first=False)
 
-    def _guidance_fn(self, prompts: List[str], clip_scale: Optional[float], user_fn):
+    def optimization_chain(self, a) -> Chain:
+        """optimize_latents' chain: the base model under CFG on the prompt, its plan, images as they are."""
+        from ..sampling.samplers import build_plan
+
+        prompts = [p for p in a.prompts for _ in range(a.num_images_per_prompt)]
+        cond_text, uncond_text = self._text(self.base, prompts, a.guided)
+        denoiser = self._denoiser(self.base, cond_text, uncond_text, {}, a.guidance_scale)
+        plan = a.base_plan if isinstance(a.base_plan, S_Plan) else build_plan(a.sampler, *a.base_plan)
+        draws = _GlideDraws(a.generator, 2 * a.n if a.guided else a.n, self.device)
+        size = self.base.image_size
+        x = self._start(a.latents, draws, (a.n, 3, size, size))
+        return Chain(denoiser, x, plan, lambda image: image, (3, size, size))
+
+    def _clip_guidance_fn(self, guidance, denoiser):
+        if guidance.clip.noised:
+            return guidance.cond_fn(timestep_of=lambda t, n: _nearest_timestep(t).reshape(-1).expand(n))
+        x0 = predicted_x0(denoiser, "epsilon", 3, self.dtype)  # GLIDE predicts eps (and a variance)
+        return guidance.cond_fn(image_of=x0)
+
+    def _guidance_fn(self, prompts: List[str], clip_scale: Optional[float], user_fn, clip_guidance=None,
+                     denoiser=None):
         fns = []
+        if clip_guidance is not None:
+            fns.append(self._clip_guidance_fn(clip_guidance, denoiser))
         if clip_scale is not None:
             clip_fn = self.clip.cond_fn(prompts, float(clip_scale))
             # The noised CLIP embeds trained (integer) timesteps; the sigma samplers' model
@@ -450,5 +483,10 @@ class GlidePipeline(Pipeline):
             return None
         if len(fns) == 1:
             return fns[0]
-        return lambda x, t: sum(fn(x, t) for fn in fns)
+
+        def total(x, t, alpha_bar=None):
+            return sum(fn(x, t, alpha_bar=alpha_bar) if getattr(fn, "needs_alpha_bar", False) else fn(x, t)
+                       for fn in fns)
+        total.needs_alpha_bar = any(getattr(fn, "needs_alpha_bar", False) for fn in fns)
+        return total
 

@@ -30,6 +30,7 @@ class OnnxPipelineMixin:
     # (argument, why ONNX cannot take it), refused when given and truthy.
     onnx_refusals: Tuple[Tuple[str, str], ...] = (
         ("cond_fn", "it differentiates through the sample, and the graphs have no gradients"),
+        ("clip_guidance", "it differentiates CLIP through the model's prediction, and the graphs have no gradients"),
         ("cuda_graph", "the graphs run in ONNX Runtime, not in captured CUDA graphs"),
     )
 
@@ -70,6 +71,10 @@ class OnnxPipelineMixin:
 
     def fuse_qkv_projections(self):
         raise ValueError("fuse_qkv_projections changes PyTorch modules; an ONNX pipeline has none")
+
+    def optimization_chain(self, a: types.SimpleNamespace):
+        raise ValueError("optimize_latents is not available on an ONNX pipeline: it back-propagates through every "
+                         "step, and the graphs have no gradients; load the model with runtime='torch'")
 
     def check_family(self, a: types.SimpleNamespace) -> None:
         for name, why in self.onnx_refusals:

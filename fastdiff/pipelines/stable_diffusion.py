@@ -8,6 +8,7 @@ sampler (classifier-free guidance as one UNet call on the batch of 2N).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import types
 from typing import Callable, List, Optional, Sequence, Union
@@ -16,12 +17,14 @@ import torch
 from torch import Tensor
 
 from ..guidance import ClassifierFreeGuidance
+from ..guidance.contrastive import predicted_x0
 from ..loaders import stable_diffusion as sd_loader
 from ..sampling import SchedulerConfig, sample
 from ..sampling.graphs import GraphCache
 from ..sampling.noise import Generators, randn, randn_like
 from . import arguments as A
 from .base import FOLDER_DEFAULTS_KEY, Pipeline, register_pipeline, to_output
+from .guided import Chain, check_clip_guidance
 from .images import image_tensor
 
 # The largest side generate() takes, as a multiple of the model's native size: beyond it
@@ -145,7 +148,8 @@ class StableDiffusionPipeline(Pipeline):
 
     def check_family(self, a: types.SimpleNamespace) -> None:
         a.spec = spec = A.check_sampler("sampler", a.sampler)
-        a.num_inference_steps = A.check_steps(a.sampler, self.scheduler_config, a.num_inference_steps)
+        a.config = self._thresholded_config(a, spec)
+        a.num_inference_steps = A.check_steps(a.sampler, a.config, a.num_inference_steps)
         native, f = self.unet.config["sample_size"] * self.vae_scale_factor, self.vae_scale_factor
         a.height, a.width = (A.check_image_size(name, value, multiple=f, largest=MAX_SIZE_FACTOR * native,
                                                 native=native)
@@ -165,6 +169,8 @@ class StableDiffusionPipeline(Pipeline):
         a.guided = a.guidance_scale > 1.0
         a.batch = len(a.prompts) * a.num_images_per_prompt
         a.shape = (a.batch, self.unet.config["in_channels"], a.height // f, a.width // f)
+        check_clip_guidance(a.clip_guidance, spec, a.batch, torch.zeros(1, 3, a.height, a.width, device=self.device),
+                            noised_ok=False)
         if a.latents is not None:
             A.check_latents(a.latents, a.shape)
         a.pixels = None
@@ -176,6 +182,22 @@ class StableDiffusionPipeline(Pipeline):
                                  f"run; raise strength or num_inference_steps")
             a.pixels = self._image_pixels(a.image, a.batch, (a.height, a.width))
         self._warn_without_effect(a, spec)
+
+    def _thresholded_config(self, a, spec) -> SchedulerConfig:
+        """The scheduler config with generate()'s thresholding arguments over the folder's (checked by
+        SchedulerConfig; a sampler without dynamic thresholding refuses it when its plan is built)."""
+        given = {k: getattr(a, k) for k in ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+                 if getattr(a, k) is not None}
+        if not given:
+            return self.scheduler_config
+        config = dataclasses.replace(self.scheduler_config, **given)
+        if not config.thresholding and set(given) - {"thresholding"}:
+            A.warn_no_effect(sorted(set(given) - {"thresholding"})[0], "thresholding is off (thresholding=True "
+                             "turns it on)")
+        if config.thresholding and not spec.thresholding:
+            raise ValueError(f"sampler {a.sampler!r} has no dynamic thresholding; use one that has "
+                             f"(ddpm, ddim, dpmpp_2m, dpmpp_2m_karras)")
+        return config
 
     @staticmethod
     def _warn_without_effect(a, spec) -> None:
@@ -226,6 +248,10 @@ class StableDiffusionPipeline(Pipeline):
         image=None,
         strength: Optional[float] = None,
         cond_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        clip_guidance=None,
+        thresholding: Optional[bool] = None,
+        dynamic_thresholding_ratio: Optional[float] = None,
+        sample_max_value: Optional[float] = None,
         cuda_graph: bool = False,
     ):
         """Images for `prompt` (a string or a list); see the README for every argument.
@@ -247,6 +273,13 @@ class StableDiffusionPipeline(Pipeline):
             be: floats in [0, 1], uint8 in 0-255, a path...), strength in (0, 1].
         cond_fn(x, t) -> gradient: classifier guidance, for samplers whose registry entry
             has classifier_guidance (others refuse it).
+        clip_guidance: a fastdiff.guidance ContrastiveClipGuidance (target + distractor captions,
+            reference 003) or SphericalClipGuidance; its CLIP reads the VAE's decoding of each
+            step's predicted x0, differentiated through the UNet, the decoder and CLIP.
+        thresholding / dynamic_thresholding_ratio / sample_max_value: Imagen's dynamic thresholding
+            (diffusers' scheduler keys, which a folder's scheduler_config.json may also set): per
+            image, s = clamp(the ratio-quantile of |x0|, 1, sample_max_value), x0 clipped to
+            [-s, s] and divided by s before the update (ddpm, ddim, dpmpp_2m samplers).
         cuda_graph=True captures each step (UNet on the CFG batch + guided_step) as a CUDA
             graph and replays it (needs the pipeline on a CUDA device; same images). The
             graphs stay in ``self.graph_cache``: a later call with the same batch, size,
@@ -265,17 +298,52 @@ class StableDiffusionPipeline(Pipeline):
         kw = dict(generator=a.generator, progress=progress, callback=callback, cuda_graph=graphs)
         if "eta" in a.spec.options:
             kw["eta"] = a.eta
-        if cond_fn is not None:
-            kw["cond_fn"] = cond_fn
+        guidance_fn = self._guidance_fn(denoiser, a, cond_fn)
+        if guidance_fn is not None:
+            kw["cond_fn"] = guidance_fn
         if a.pixels is not None:
             x = self._img2img_start(a, kw)
         else:
             x = self._initial_noise(a.shape, a.generator, latents)
-        x = sample(a.sampler, denoiser, x.contiguous(memory_format=self.memory_format), self.scheduler_config,
+        x = sample(a.sampler, denoiser, x.contiguous(memory_format=self.memory_format), a.config,
                    a.num_inference_steps, **kw)
-        decoded = self.vae.decode(x / self.vae.scaling_factor)
-        images = (decoded / 2 + 0.5).clamp(0, 1)
+        images = (self._decode(x) / 2 + 0.5).clamp(0, 1)
         return to_output(images, output_type)
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents.to(self.dtype) / self.vae.scaling_factor)
+
+    def _guidance_fn(self, denoiser, a, cond_fn):
+        """cond_fn, clip_guidance's gradient, or their sum."""
+        if a.clip_guidance is None:
+            return cond_fn
+        prediction_type = a.config.resolved(a.sampler).prediction_type
+        x0 = predicted_x0(denoiser, prediction_type, self.unet.config["in_channels"], self.dtype)
+        clip_fn = a.clip_guidance.cond_fn(lambda x, t, alpha_bar: self._decode(x0(x, t, alpha_bar)))
+        if cond_fn is None:
+            return clip_fn
+
+        def both(x, t, alpha_bar=None, **kwargs):
+            return clip_fn(x, t, alpha_bar=alpha_bar) + cond_fn(x, t)
+        both.needs_alpha_bar = True
+        return both
+
+    def optimization_chain(self, a) -> Chain:
+        """optimize_latents' chain: the UNet under CFG on the prompt, the sampler's plan, the VAE decoder."""
+        from ..sampling.samplers import build_plan
+
+        embeds, neg = self.encode_prompt(a.prompts, a.negative_prompts, a.num_images_per_prompt, a.guided,
+                                         a.clip_skip)
+
+        def unet(x, t, cond):
+            return self.unet(x.to(self.dtype), t, encoder_hidden_states=cond)
+
+        denoiser = ClassifierFreeGuidance(unet, embeds, neg if a.guided else None, a.guidance_scale,
+                                          uncond_first=True, rescale=a.guidance_rescale if a.guided else 0.0)
+        options = {"eta": a.eta} if "eta" in a.spec.options else {}
+        plan = build_plan(a.sampler, a.config, a.num_inference_steps, **options)
+        x = self._initial_noise(a.shape, a.generator, a.latents).float()
+        return Chain(denoiser, x, plan, lambda z: self._decode(z).float(), (3, a.height, a.width))
 
     def _initial_noise(self, shape, generator, latents):
         if latents is not None:
@@ -290,4 +358,4 @@ class StableDiffusionPipeline(Pipeline):
         z = mean + torch.exp(0.5 * logvar) * randn_like(mean, a.generator)
         z = z * self.vae.scaling_factor
         noise = self._initial_noise(a.shape, a.generator, a.latents)
-        return noised_start(z, noise, a.sampler, self.scheduler_config, a.num_inference_steps, a.strength, kw)
+        return noised_start(z, noise, a.sampler, a.config, a.num_inference_steps, a.strength, kw)

@@ -42,16 +42,18 @@ class SamplerSpec:
     img2img: bool                  # can start part-way (strength < 1)
     cuda_graph: bool               # its steps can be captured
     respaced: bool = False         # also runs on GLIDE's respaced schedules (sampling.respaced)
+    thresholding: bool = False     # dynamic thresholding of x0 (its diffusers class has thresholding=True)
     max_steps: Callable = _train_timesteps  # (resolved config) -> the most steps it can take
     min_steps: Callable = lambda cfg: 1    # (resolved config) -> the fewest
 
 
-def _spec(name, builder, options=(), **kw) -> SamplerSpec:
-    return SamplerSpec(name, SAMPLER_CLASS.get(name, ""), _checked(name, builder, frozenset(options)),
-                       frozenset(options), classifier_guidance=True, img2img=True, cuda_graph=True, **kw)
+def _spec(name, builder, options=(), thresholding=False, **kw) -> SamplerSpec:
+    return SamplerSpec(name, SAMPLER_CLASS.get(name, ""), _checked(name, builder, frozenset(options), thresholding),
+                       frozenset(options), classifier_guidance=True, img2img=True, cuda_graph=True,
+                       thresholding=thresholding, **kw)
 
 
-def _checked(name: str, builder: Callable, options: frozenset) -> Callable:
+def _checked(name: str, builder: Callable, options: frozenset, thresholding: bool) -> Callable:
     """`builder` behind every argument check, so a spec's build_plan refuses bad input before any work."""
     def build_plan(config, num_steps, *, start: int = 0, **given) -> S.Plan:
         unknown = sorted(set(given) - options)
@@ -59,6 +61,11 @@ def _checked(name: str, builder: Callable, options: frozenset) -> Callable:
             raise TypeError(f"the {name} sampler takes no option {unknown[0]!r} "
                             f"(its options: {', '.join(sorted(options)) or 'none'})")
         cfg = as_scheduler_config(config)
+        if cfg.thresholding and not thresholding:
+            able = ", ".join(spec.name for spec in SAMPLERS.values() if spec.thresholding)
+            raise ValueError(f"the scheduler config sets thresholding=True, which the {name} sampler does not have "
+                             f"(diffusers' {SAMPLER_CLASS.get(name, name)} lacks it); samplers with dynamic "
+                             f"thresholding: {able}")
         if given.get("timesteps") is not None:
             num_steps = len(given["timesteps"])
         num_steps = check_num_steps(name, cfg, num_steps)
@@ -77,19 +84,19 @@ def _pndm_min_steps(cfg: SchedulerConfig) -> int:
 
 _SPECS = (
     _spec("ddpm", lambda c, n, *, start=0, timesteps=None: S.ddpm_plan(c, n, timesteps, start),
-          {"timesteps"}, respaced=True),
+          {"timesteps"}, respaced=True, thresholding=True),
     _spec("ddim",
           lambda c, n, *, start=0, eta=0.0, use_clipped_model_output=False:
           S.ddim_plan(c, n, eta, use_clipped_model_output, start),
-          {"eta", "use_clipped_model_output"}, respaced=True),
+          {"eta", "use_clipped_model_output"}, respaced=True, thresholding=True),
     _spec("pndm", lambda c, n, *, start=0: S.pndm_plan(c, n, start), min_steps=_pndm_min_steps),
     _spec("euler", lambda c, n, *, start=0: S.euler_plan(c, n, start=start)),
     _spec("euler_a", lambda c, n, *, start=0: S.euler_plan(c, n, ancestral=True, start=start)),
     _spec("heun", lambda c, n, *, start=0: S.heun_plan(c, n, start)),
     _spec("dpmpp_2m", lambda c, n, *, start=0, karras=None: S.dpmpp_2m_plan(c, n, karras, start), {"karras"},
-          max_steps=_dpm_solver_steps),
+          max_steps=_dpm_solver_steps, thresholding=True),
     _spec("dpmpp_2m_karras", lambda c, n, *, start=0: S.dpmpp_2m_plan(c, n, True, start),
-          max_steps=lambda cfg: _dpm_solver_steps(cfg, karras=True)),
+          max_steps=lambda cfg: _dpm_solver_steps(cfg, karras=True), thresholding=True),
 )
 if tuple(spec.name for spec in _SPECS) != SAMPLER_NAMES:
     raise RuntimeError(f"the sampler specs ({', '.join(spec.name for spec in _SPECS)}) must be the samplers of "

@@ -92,10 +92,10 @@ def respaced_ddpm_plan(schedule: RespacedSchedule, learned_variance: bool = True
     order = list(reversed(range(len(schedule))))
     betas, pv = schedule.betas, schedule.posterior_variance
     variances = pv if fixed_variance == "small" else np.append(pv[1], betas[1:]) if len(pv) > 1 else betas
+    min_log_variances = schedule.posterior_log_variance_clipped()[order] if learned_variance else None
     steps = S.ddpm_steps([schedule.timesteps[k] for k in order], schedule.alphas_cumprod[order],
                          schedule.alphas_cumprod_prev[order], betas[order], variances[order],
-                         min_log_variances=schedule.posterior_log_variance_clipped()[order] if learned_variance else None,
-                         noise_at_last=False)
+                         min_log_variances=min_log_variances, noise_at_last=False)
     return S.Plan(steps, clip_range=1.0 if clip_denoised else None, learned_variance=learned_variance,
                   name="ddpm", classifier_guidance="mean")
 

@@ -21,6 +21,17 @@ registry's (registry.py). All of them share the conventions:
               gets the shift after clipping (as glide); one that reads the prediction itself
               (diffusers' DDIM, PNDM, Heun, DPM-Solver++) gets it on the prediction, before
               clipping, so its history holds the guided one (k-diffusion's guided denoiser).
+              A cond_fn with a true attribute ``needs_alpha_bar`` (noised-CLIP guidance,
+              which must know how noisy x is) is called ``cond_fn(x, t, alpha_bar=a)``: a, a
+              float32 device tensor [1], is the alpha_bar of the step's input x (Step.alpha_bar:
+              alphas_cumprod[t] on the integer-timestep samplers, 1 / (1 + sigma^2) on the
+              sigma ones), from a table sent to the device once per run.
+
+A plan with dynamic thresholding (Plan.threshold, from a config with thresholding=True;
+ddpm, ddim, dpmpp_2m, dpmpp_2m_karras) runs each step as two op calls with the per-sample
+quantile between them on the device (thresholding.py): x0 first, then the update reading
+the thresholded x0 as a history operand. That x0 is what multistep history, callbacks
+and classifier guidance see, as in diffusers (thresholding replaces clip_sample there).
 """
 from __future__ import annotations
 
@@ -38,6 +49,7 @@ from . import steps as S
 from .denoiser import Denoiser, ModelOutput, as_model_output
 from .noise import randn_like
 from .registry import SAMPLERS, get_sampler
+from .thresholding import dynamic_threshold
 
 GradFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -99,8 +111,9 @@ class _Tables:
 
     rows: Tensor                          # the coefficient rows
     ts: Tensor                            # the timesteps
-    x0_rows: Optional[Tensor] = None      # x0 alone (unclipped): previews, and denoised_fn's first op call
-    paste_rows: Optional[Tensor] = None   # the update with the edited x0 as history operand 0 (denoised_fn)
+    x0_rows: Optional[Tensor] = None      # x0 alone (unclipped): previews, and a pasted step's first op call
+    paste_rows: Optional[Tensor] = None   # the update reading the edited x0 as history operand 0, then its own
+    alpha_bars: Optional[Tensor] = None   # per step: its input's alpha_bar (cond_fn's needs_alpha_bar)
     guidance: Optional[str] = None        # "mean", "score_x0" (shift the step's x0) or "score_p" (the prediction)
     grad_coeffs: Optional[Tensor] = None  # per step: what one unit of gradient adds (score forms)
 
@@ -130,22 +143,27 @@ def _score_coefficients(plan: S.Plan, table: np.ndarray, form: str) -> np.ndarra
     return x0_shift / table[:, C.X0_P]
 
 
-def _device_tables(plan: S.Plan, device, *, want_x0: bool, denoised_fn: bool, guided: bool) -> _Tables:
+def _device_tables(plan: S.Plan, device, *, want_x0: bool, denoised_fn: bool, guided: bool,
+                   alpha_bar: bool = False) -> _Tables:
     table = _coefficient_table(plan)
     # Coefficients and timesteps go to the device once per run.
     tables = _Tables(torch.tensor(table, dtype=torch.float32, device=device),
                      torch.tensor([s.t for s in plan.steps], dtype=plan.t_dtype, device=device))
-    if want_x0 or denoised_fn:
+    pasted = denoised_fn or plan.threshold is not None
+    if want_x0 or pasted:
         x0_table = np.zeros((len(plan.steps), C.NUM_FIXED))
         x0_table[:, [C.X0_X, C.X0_P]] = table[:, [C.X0_X, C.X0_P]]
         x0_table[:, C.OUT_X0] = 1.0
         tables.x0_rows = torch.tensor(x0_table, dtype=torch.float32, device=device)
-    if denoised_fn:
-        paste = np.zeros((len(plan.steps), C.NUM_FIXED + 1))
+    if pasted:
+        paste = np.zeros((len(plan.steps), table.shape[1] + 1))
         paste[:, : C.NUM_FIXED] = table[:, : C.NUM_FIXED]
         paste[:, C.OUT_X0] = 0.0
         paste[:, C.NUM_FIXED] = table[:, C.OUT_X0]  # the edited x0, as history operand 0
+        paste[:, C.NUM_FIXED + 1:] = table[:, C.NUM_FIXED:]  # then the step's own history
         tables.paste_rows = torch.tensor(paste, dtype=torch.float32, device=device)
+    if alpha_bar:
+        tables.alpha_bars = torch.tensor([s.alpha_bar for s in plan.steps], dtype=torch.float32, device=device)
     if guided:
         tables.guidance = _guidance_form(plan)
         if tables.guidance != "mean":
@@ -164,7 +182,8 @@ def _check_run(plan: S.Plan, x: Tensor, graphed: bool, cond_fn, denoised_fn) -> 
         raise TypeError(f"the starting sample must be a floating-point tensor, got {x.dtype}")
     if denoised_fn is not None and not _reads_only_x0(plan):
         raise ValueError(f"denoised_fn needs a sampler whose update reads the model output only through x0 "
-                         f"(ddpm, euler, euler_a, ddim with use_clipped_model_output and GLIDE's plans do); {plan.name or 'this plan'} does not")
+                         f"(ddpm, euler, euler_a, ddim with use_clipped_model_output and GLIDE's plans do); "
+                         f"{plan.name or 'this plan'} does not")
     if cond_fn is not None:
         _guidance_form(plan)
 
@@ -196,7 +215,8 @@ def run_plan(denoiser: Denoiser, x: Tensor, plan: S.Plan, *, generator: Optional
     graphed = cuda_graph is not False and cuda_graph is not None
     _check_run(plan, x, graphed, cond_fn, denoised_fn)
     tables = _device_tables(plan, x.device, want_x0=callback is not None and not plan.denoised_is_x0,
-                            denoised_fn=denoised_fn is not None, guided=cond_fn is not None)
+                            denoised_fn=denoised_fn is not None, guided=cond_fn is not None,
+                            alpha_bar=bool(getattr(cond_fn, "needs_alpha_bar", False)))
     if x_is_noise and plan.init_scale != 1.0:
         x = x * plan.init_scale
     if graphed:
@@ -216,19 +236,21 @@ def _run_eager(denoiser: Denoiser, x: Tensor, plan: S.Plan, tables: _Tables, *, 
         for i, step in enumerate(plan.steps):
             out = as_model_output(denoiser(x, tables.ts[i]))
             z = (noise(i, x) if noise is not None else randn_like(x, generator)) if step.noise else None
-            grad = _gradient(cond_fn, x, tables.ts[i]) if cond_fn is not None else None
+            grad = _gradient(cond_fn, x, tables, i) if cond_fn is not None else None
             if tables.guidance == "score_p":
                 out = _shift_prediction(out, tables.grad_coeffs[i] * grad)
             want_x0 = callback is not None and plan.denoised_is_x0
-            if denoised_fn is None:
+            history = [store[ref] for ref in step.history]
+            if denoised_fn is None and plan.threshold is None:
                 x_next, den = guided_step(
                     x, out.cond, out.uncond, out.scale,
                     coeffs=tables.rows[i : i + 1, : len(step.row)], noise=z,
-                    history=[store[ref] for ref in step.history],
-                    clip_range=plan.clip_range, learned_variance=plan.learned_variance,
+                    history=history, clip_range=plan.clip_range, learned_variance=plan.learned_variance,
                     write_denoised=step.write_denoised or want_x0)
             else:
-                x_next, den = _pasted_step(x, out, tables, i, z, denoised_fn, plan)
+                x_next, den = _pasted_step(x, out, tables.x0_rows[i : i + 1],
+                                           tables.paste_rows[i : i + 1, : len(step.row) + 1],
+                                           tables.ts[i], z, history, plan, denoised_fn)
             if tables.guidance in ("mean", "score_x0"):
                 x_next = x_next + _step_shift(grad, tables, i, out, x, plan.learned_variance)
             _keep_history(store, last_use, i, x, den)
@@ -242,20 +264,27 @@ def _run_eager(denoiser: Denoiser, x: Tensor, plan: S.Plan, tables: _Tables, *, 
     return x
 
 
-def _pasted_step(x: Tensor, out: ModelOutput, tables: _Tables, i: int, z: Optional[Tensor], denoised_fn: GradFn,
-                 plan: S.Plan):
-    """One step with denoised_fn editing x0: x0 first, edited and clipped, then the update on it."""
-    x0 = guided_step(x, out.cond, out.uncond, out.scale, coeffs=tables.x0_rows[i : i + 1])[0]
-    den = denoised_fn(x0, tables.ts[i])
-    if plan.clip_range is not None:
+def _pasted_step(x: Tensor, out: ModelOutput, x0_row: Tensor, paste_row: Tensor, t: Tensor, z: Optional[Tensor],
+                 history: list, plan: S.Plan, denoised_fn: Optional[GradFn] = None):
+    """One step with x0 edited between two op calls: x0 first; then denoised_fn's edit, and
+    dynamic thresholding or clipping; then the update on the edited x0 (history operand 0)."""
+    den = guided_step(x, out.cond, out.uncond, out.scale, coeffs=x0_row)[0]
+    if denoised_fn is not None:
+        den = denoised_fn(den, t)
+    if plan.threshold is not None:
+        den = dynamic_threshold(den, *plan.threshold)
+    elif plan.clip_range is not None:
         den = den.clamp(-plan.clip_range, plan.clip_range)
-    x_next, _ = guided_step(x, out.cond, out.uncond, out.scale, coeffs=tables.paste_rows[i : i + 1], noise=z,
-                            history=[den], learned_variance=plan.learned_variance)
+    x_next, _ = guided_step(x, out.cond, out.uncond, out.scale, coeffs=paste_row, noise=z,
+                            history=[den, *history], learned_variance=plan.learned_variance)
     return x_next, den
 
 
-def _gradient(cond_fn: GradFn, x: Tensor, t: Tensor) -> Tensor:
-    grad = cond_fn(x, t)
+def _gradient(cond_fn: GradFn, x: Tensor, tables: _Tables, i: int) -> Tensor:
+    if tables.alpha_bars is not None:
+        grad = cond_fn(x, tables.ts[i], alpha_bar=tables.alpha_bars[i : i + 1])
+    else:
+        grad = cond_fn(x, tables.ts[i])
     if not isinstance(grad, Tensor) or grad.shape != x.shape:
         shape = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
         raise ValueError(f"cond_fn returned a gradient of shape {shape} for x of {tuple(x.shape)}")
@@ -300,7 +329,8 @@ def _graph_key(denoiser, x: Tensor, plan: S.Plan, ts: Tensor):
     key = getattr(denoiser, "graph_key", None)
     if key is None:
         return None
-    return (key(), tuple(x.shape), x.stride(), x.dtype, x.device, ts.dtype, plan.clip_range, plan.learned_variance)
+    return (key(), tuple(x.shape), x.stride(), x.dtype, x.device, ts.dtype, plan.clip_range, plan.learned_variance,
+            plan.threshold)
 
 
 def _run_graphed(denoiser: Denoiser, x: Tensor, plan: S.Plan, tables: _Tables, *, generator, noise, callback,
@@ -315,11 +345,14 @@ def _run_graphed(denoiser: Denoiser, x: Tensor, plan: S.Plan, tables: _Tables, *
     graphs = _step_graphs(denoiser, x, plan, tables.ts, cache)
     store = {}
     last_use = _last_uses(plan.steps)
+    # A thresholded step's row: its x0 row, then its pasted update's (the body splits them).
+    rows = tables.rows if plan.threshold is None else torch.cat([tables.x0_rows, tables.paste_rows], dim=1)
     with progress_bar(len(plan.steps), plan.name or "sampling", progress) as tick:
         for i, step in enumerate(plan.steps):
-            width = len(step.row)
-            signature = StepSignature(step.noise, len(step.history), step.write_denoised or want_x0, width)
-            cond, uncond, scale, x_next, den = graphs.run(signature, tables.rows[i : i + 1, :width], draws.get(i),
+            width = len(step.row) if plan.threshold is None else C.NUM_FIXED + len(step.row) + 1
+            signature = StepSignature(step.noise, len(step.history),
+                                      step.write_denoised or want_x0 or plan.threshold is not None, width)
+            cond, uncond, scale, x_next, den = graphs.run(signature, rows[i : i + 1, :width], draws.get(i),
                                                           [store[ref] for ref in step.history], tables.ts[i])
             _keep_history(store, last_use, i, graphs.x, den, copy=True)
             draws.pop(i, None)
@@ -348,6 +381,9 @@ def _step_graphs(denoiser: Denoiser, x: Tensor, plan: S.Plan, ts: Tensor, cache)
 
     def body(signature, x_in, t, row, z, history):
         out = as_model_output(denoiser(x_in, t))
+        if plan.threshold is not None:
+            x_next, den = _pasted_step(x_in, out, row[:, : C.NUM_FIXED], row[:, C.NUM_FIXED :], t, z, history, plan)
+            return out.cond, out.uncond, out.scale, x_next, den
         x_next, den = guided_step(x_in, out.cond, out.uncond, out.scale, coeffs=row, noise=z,
                                   history=history, clip_range=plan.clip_range,
                                   learned_variance=plan.learned_variance,

@@ -91,18 +91,20 @@ class NoiseSchedule:
 # the default of the class that would read it, as diffusers does.
 _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=2e-2, beta_schedule="linear",
                prediction_type="epsilon", steps_offset=0, rescale_betas_zero_snr=False)
+# Dynamic thresholding (Imagen): only these three classes have it.
+_THRESHOLD = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
 CLASS_DEFAULTS = {
-    "DDIMScheduler": dict(_COMMON, timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True,
-                          clip_sample_range=1.0),
-    "DDPMScheduler": dict(_COMMON, timestep_spacing="leading", clip_sample=True, clip_sample_range=1.0,
-                          variance_type="fixed_small"),
+    "DDIMScheduler": dict(_COMMON, **_THRESHOLD, timestep_spacing="leading", set_alpha_to_one=True,
+                          clip_sample=True, clip_sample_range=1.0),
+    "DDPMScheduler": dict(_COMMON, **_THRESHOLD, timestep_spacing="leading", clip_sample=True,
+                          clip_sample_range=1.0, variance_type="fixed_small"),
     "PNDMScheduler": dict(_COMMON, timestep_spacing="leading", set_alpha_to_one=False, skip_prk_steps=False),
     "EulerDiscreteScheduler": dict(_COMMON, timestep_spacing="linspace", use_karras_sigmas=False,
                                    final_sigmas_type="zero"),
     "EulerAncestralDiscreteScheduler": dict(_COMMON, timestep_spacing="linspace"),
     "HeunDiscreteScheduler": dict(_COMMON, beta_start=0.00085, beta_end=0.012, timestep_spacing="linspace",
                                   clip_sample=False, clip_sample_range=1.0, use_karras_sigmas=False),
-    "DPMSolverMultistepScheduler": dict(_COMMON, timestep_spacing="linspace", use_karras_sigmas=False,
+    "DPMSolverMultistepScheduler": dict(_COMMON, **_THRESHOLD, timestep_spacing="linspace", use_karras_sigmas=False,
                                         solver_order=2, lower_order_final=True, final_sigmas_type="zero"),
 }
 # The classes that keep sigmas (and need a finite first one under zero-terminal-SNR).
@@ -115,6 +117,10 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"scheduler config {name} must be a positive integer, got {value!r}")
 
 
+def _is_number(value) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+
+
 def _check_beta(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not 0.0 < float(value) < 1.0:
@@ -123,7 +129,7 @@ def _check_beta(name: str, value) -> None:
 
 # Keys fastdiff reads, and values it cannot honour (an error beats a silent mismatch).
 _UNSUPPORTED = {
-    "thresholding": (True,), "use_exponential_sigmas": (True,), "use_beta_sigmas": (True,),
+    "use_exponential_sigmas": (True,), "use_beta_sigmas": (True,),
     "use_lu_lambdas": (True,), "use_flow_sigmas": (True,), "interpolation_type": ("log_linear",),
     "timestep_type": ("continuous",), "euler_at_final": (True,),
 }
@@ -154,6 +160,9 @@ class SchedulerConfig:
     rescale_betas_zero_snr: Optional[bool] = None
     sigma_min: Optional[float] = None
     sigma_max: Optional[float] = None
+    thresholding: Optional[bool] = None          # dynamic thresholding of x0 (replaces clip_sample)
+    dynamic_thresholding_ratio: Optional[float] = None  # the quantile of |x0| that sets the threshold
+    sample_max_value: Optional[float] = None     # the largest threshold
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -182,6 +191,22 @@ class SchedulerConfig:
                                               not isinstance(self.steps_offset, (int, np.integer)) or
                                               self.steps_offset < 0):
             raise ValueError(f"scheduler config steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+        self._check_thresholding()
+
+    def _check_thresholding(self) -> None:
+        """diffusers takes any value here; these are the ones that give a threshold at all: a
+        ratio outside (0, 1] has no quantile, a NaN or infinite max value gives NaN or no bound,
+        and one <= 0 divides by zero or flips signs. (A max value in (0, 1) is diffusers'
+        clamp(s, min=1, max=m) = m: clip to +-m, rescaled to +-1.)"""
+        if self.thresholding is not None and not isinstance(self.thresholding, (bool, np.bool_)):
+            raise ValueError(f"scheduler config thresholding must be true or false, got {self.thresholding!r}")
+        ratio, top = self.dynamic_thresholding_ratio, self.sample_max_value
+        if ratio is not None and not (_is_number(ratio) and 0.0 < float(ratio) <= 1.0):
+            raise ValueError(f"scheduler config dynamic_thresholding_ratio must be a number in (0, 1] "
+                             f"(the quantile of |x0| that sets the threshold), got {ratio!r}")
+        if top is not None and not (_is_number(top) and math.isfinite(float(top)) and float(top) > 0.0):
+            raise ValueError(f"scheduler config sample_max_value must be a finite number > 0 "
+                             f"(the largest dynamic threshold), got {top!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "SchedulerConfig":

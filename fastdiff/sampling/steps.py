@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,6 +53,8 @@ class Plan:
     # mean by its variance times the gradient (Sohl-Dickstein et al. 2015; ancestral DDPM),
     # "score" shifts eps by -sqrt(1 - alpha_bar) times it (Song et al. 2021b); None: no meaning.
     classifier_guidance: Optional[str] = None
+    # (ratio, max value) of dynamic thresholding (Imagen), in place of clip_range (thresholding.py)
+    threshold: Optional[Tuple[float, float]] = None
 
 
 def row(x0=(0.0, 0.0), out=(0.0, 0.0, 0.0), noise=0.0, den=(0.0, 0.0, 1.0), logvar=(0.0, 0.0), hist=()):
@@ -162,7 +164,17 @@ def ddpm_steps(timesteps, alpha_bars, prev_alpha_bars, betas, variances, *, pred
 
 
 def _clip_range(cfg: SchedulerConfig) -> Optional[float]:
-    return cfg.clip_sample_range if cfg.clip_sample else None
+    # diffusers: `if thresholding: ... elif clip_sample: ...`; thresholding replaces clipping.
+    return cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None
+
+
+def _threshold(cfg: SchedulerConfig, name: str, supported: bool = True) -> Optional[Tuple[float, float]]:
+    """Plan.threshold of a resolved config; a sampler whose diffusers class has none refuses it."""
+    if not cfg.thresholding:
+        return None
+    if not supported:
+        raise ValueError(f"the {name} sampler has no dynamic thresholding (its diffusers class lacks it)")
+    return float(cfg.dynamic_thresholding_ratio), float(cfg.sample_max_value)
 
 
 def ddim_plan(cfg: SchedulerConfig, num_steps: int, eta: float = 0.0,
@@ -181,7 +193,8 @@ def ddim_plan(cfg: SchedulerConfig, num_steps: int, eta: float = 0.0,
     prev = timesteps - T // num_steps
     steps = ddim_steps(timesteps, ac[timesteps], np.where(prev >= 0, ac[np.maximum(prev, 0)], final), eta=eta,
                        prediction_type=cfg.prediction_type, eps_from_x0=use_clipped_model_output)
-    return Plan(steps, clip_range=_clip_range(cfg), name="ddim", classifier_guidance="score")
+    return Plan(steps, clip_range=_clip_range(cfg), name="ddim", classifier_guidance="score",
+                threshold=_threshold(cfg, "ddim"))
 
 
 def ddpm_plan(cfg: SchedulerConfig, num_steps: int, timesteps=None, start: int = 0) -> Plan:
@@ -212,7 +225,7 @@ def ddpm_plan(cfg: SchedulerConfig, num_steps: int, timesteps=None, start: int =
     steps = ddpm_steps(timesteps, a, ap, betas, variances, prediction_type=cfg.prediction_type,
                        min_log_variances=np.log(posterior) if learned else None)
     return Plan(steps, clip_range=_clip_range(cfg), learned_variance=learned, name="ddpm",
-                classifier_guidance="mean")
+                classifier_guidance="mean", threshold=_threshold(cfg, "ddpm"))
 
 
 # --------------------------------------------------------------------------- PNDM
@@ -228,6 +241,7 @@ def pndm_plan(cfg: SchedulerConfig, num_steps: int, start: int = 0) -> Plan:
     holds raw model outputs (each step's ``denoised`` output is its guided prediction).
     """
     cfg = cfg.resolved("pndm")
+    _threshold(cfg, "pndm", supported=False)
     if cfg.prediction_type == "sample":
         raise ValueError("the pndm sampler supports epsilon and v_prediction models only")
     sched = cfg.noise_schedule("pndm")
@@ -374,6 +388,7 @@ def euler_plan(cfg: SchedulerConfig, num_steps: int, ancestral: bool = False, st
     sigma_next^2) / sigma^2), sigma_down = sqrt(sigma_next^2 - sigma_up^2)). Held as x = x_ve * alpha."""
     name = "euler_a" if ancestral else "euler"
     cfg = cfg.resolved(name)
+    _threshold(cfg, name, supported=False)
     sigmas, timesteps = _sigma_grid(cfg, name, num_steps, karras=bool(cfg.use_karras_sigmas) and not ancestral)
     steps = []
     for i, t, s, sn, alpha, alpha_n in _sigma_steps(sigmas, timesteps, start):
@@ -395,6 +410,7 @@ def heun_plan(cfg: SchedulerConfig, num_steps: int, start: int = 0) -> Plan:
     same at the Euler point (x_ve + d * dt, sigma_next): two steps here, the second reading
     the first's start sample and x0 as history. Held as x = x_ve * alpha."""
     cfg = cfg.resolved("heun")
+    _threshold(cfg, "heun", supported=False)
     sigmas, timesteps = _sigma_grid(cfg, "heun", num_steps, karras=bool(cfg.use_karras_sigmas))
     pred = cfg.prediction_type
     steps = []
@@ -470,7 +486,8 @@ def dpmpp_2m_plan(cfg: SchedulerConfig, num_steps: int, karras: Optional[bool] =
             r0 = h0 / h
             r = row(x0_coef, (sig_vp[i + 1] / sig_vp[i], 0.0, base * (1 + 0.5 / r0)), hist=(-0.5 * base / r0,))
             steps.append(Step(float(t), r, (("den", i - 1 - start),), write_denoised=True, alpha_bar=alpha[i] ** 2))
-    return Plan(steps, name="dpmpp_2m_karras" if karras else "dpmpp_2m", classifier_guidance="score")
+    return Plan(steps, name="dpmpp_2m_karras" if karras else "dpmpp_2m", classifier_guidance="score",
+                threshold=_threshold(cfg, "dpmpp_2m"))
 
 
 def ve_conversion_dpm(prediction_type: str, alpha_t: float, sigma_t: float):

@@ -164,6 +164,10 @@ def guided_step_triton(
             "guided_step_triton: Triton is not installed; install fastdiff[triton] "
             "or use another backend"
         )
+    if isinstance(x, Tensor) and x.dtype == torch.float64:
+        # The kernel computes in float32; the dispatch table (its `serves`) sends float64 to the twin.
+        raise TypeError("guided_step_triton: x must be float32, float16 or bfloat16 (float64 runs on "
+                        "the reference twin), got torch.float64")
     check_guided_step(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
                       learned_variance)
 
