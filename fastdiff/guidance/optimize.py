@@ -16,7 +16,6 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -47,6 +46,9 @@ def check_optimisation(plan: S.Plan, iterations, lr) -> tuple:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if plan.threshold is not None:
+        raise ValueError("x_T optimisation does not run dynamic thresholding; use a scheduler config with "
+                         "thresholding off")
     noisy = [i for i, s in enumerate(plan.steps) if s.noise]
     if noisy:
         raise ValueError(f"x_T optimisation needs a deterministic sampler (ddim with eta=0, euler, heun, dpmpp_2m, "
@@ -55,18 +57,14 @@ def check_optimisation(plan: S.Plan, iterations, lr) -> tuple:
     return int(iterations), float(lr)
 
 
-def _tables(plan: S.Plan, device) -> tuple:
-    rows = np.zeros((len(plan.steps), max(len(s.row) for s in plan.steps)))
-    for i, s in enumerate(plan.steps):
-        rows[i, : len(s.row)] = s.row
-    return (torch.tensor(rows, dtype=torch.float32, device=device),
-            torch.tensor([s.t for s in plan.steps], dtype=plan.t_dtype, device=device))
-
-
 def run_chain(denoiser, x: Tensor, plan: S.Plan, *, checkpoint: bool = True) -> Tensor:
-    """The plan's final sample from unit noise x, differentiable in x; each step checkpointed."""
-    rows, ts = _tables(plan, x.device)
-    last_use = {ref: i for i, s in enumerate(plan.steps) for ref in s.history}
+    """The plan's final sample from unit noise x, differentiable in x; each step checkpointed.
+    Its coefficient table and history bookkeeping are run_plan's (sampling.samplers)."""
+    from ..sampling.samplers import _coefficient_table, _keep_history, _last_uses
+
+    rows = torch.tensor(_coefficient_table(plan), dtype=torch.float32, device=x.device)
+    ts = torch.tensor([s.t for s in plan.steps], dtype=plan.t_dtype, device=x.device)
+    last_use = _last_uses(plan.steps)
     store = {}
     x = x * plan.init_scale if plan.init_scale != 1.0 else x
     for i, step in enumerate(plan.steps):
@@ -80,11 +78,7 @@ def run_chain(denoiser, x: Tensor, plan: S.Plan, *, checkpoint: bool = True) -> 
             x_next, den = _checkpoint(one_step, x, *history, use_reentrant=False)
         else:
             x_next, den = one_step(x, *history)
-        for ref, value in ((("x", i), x), (("den", i), den)):
-            if ref in last_use:
-                store[ref] = value
-        for ref in [r for r, last in last_use.items() if last == i]:
-            store.pop(ref, None)
+        _keep_history(store, last_use, i, x, den)
         x = x_next
     return x
 
