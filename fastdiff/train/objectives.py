@@ -36,11 +36,13 @@ def beta_schedule_for(d: DiffusionTraining) -> str:
 def scheduler_config(d: DiffusionTraining) -> dict:
     """diffusers DPMSolverMultistepScheduler config over the training schedule: DPM-Solver++(2M)
     gives good samples in ~20 steps, and its linspace spacing starts at t = T-1, the step trained
-    on pure noise."""
+    on pure noise. clip_sample false as in SD's configs: a latent model's x0 must not be clipped
+    to [-1, 1], which DDIM and DDPM (read from this config) would otherwise do by default."""
     return {
         "_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.42.1",
         "num_train_timesteps": d.num_train_timesteps, "beta_start": SD_BETA_START, "beta_end": SD_BETA_END,
         "beta_schedule": beta_schedule_for(d), "trained_betas": None, "prediction_type": d.prediction_type,
+        "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
         "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
         "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
         "final_sigmas_type": "zero", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
