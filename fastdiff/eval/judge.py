@@ -196,8 +196,11 @@ def augment(images: Tensor, gen: torch.Generator) -> Tensor:
     return images.clamp(-1, 1)
 
 
-def judge_loss(out: Dict[str, Tensor], labels: Dict[str, Tensor]) -> Tensor:
-    mask = labels["two_objects"].float()
+def judge_loss(out: Dict[str, Tensor], labels: Dict[str, Tensor], every_slot: bool = False) -> Tensor:
+    """Cross-entropy of every head; slot 2 of a single-object scene is masked out, or with
+    every_slot trained to repeat slot 1 (scene_batch's padding), so that every head means something
+    on every image (the scene CLIP reads them all)."""
+    mask = torch.ones_like(labels["two_objects"], dtype=torch.float32) if every_slot else labels["two_objects"].float()
     loss = F.cross_entropy(out["layout"], labels["layout"])
     for name in ("shape", "color"):
         loss = loss + F.cross_entropy(out[name][:, 0], labels[name][:, 0])
@@ -207,8 +210,9 @@ def judge_loss(out: Dict[str, Tensor], labels: Dict[str, Tensor]) -> Tensor:
 
 
 def train_judge(steps: int = 1500, batch_size: int = 64, seed: int = JUDGE_SEED, device="cpu",
-                progress: bool = True, lr: float = 3e-3) -> Judge:
-    """A judge trained on freshly rendered, augmented scenes (both splits); every batch is new."""
+                progress: bool = True, lr: float = 3e-3, every_slot: bool = False) -> Judge:
+    """A judge trained on freshly rendered, augmented scenes (both splits); every batch is new.
+    every_slot: see judge_loss (the scene CLIP's reader; the judge itself masks slot 2)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -232,7 +236,7 @@ def train_judge(steps: int = 1500, batch_size: int = 64, seed: int = JUDGE_SEED,
         images, labels = scene_batch([judge_scene(rng) for _ in range(batch_size)])
         images = augment(images, gen).to(device)
         labels = {k: v.to(device) for k, v in labels.items()}
-        loss = judge_loss(judge(images), labels)
+        loss = judge_loss(judge(images), labels, every_slot)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -244,6 +248,7 @@ def train_judge(steps: int = 1500, batch_size: int = 64, seed: int = JUDGE_SEED,
     if bar is not None:
         bar.close()
     judge.training_record = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr,
+                             "every_slot": every_slot,
                              "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
     return judge.eval()
 

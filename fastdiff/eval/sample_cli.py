@@ -60,8 +60,65 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights' dtype "
                         "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
+    add_clip_guidance_arguments(parser.add_argument_group(
+        "CLIP guidance (reference 003: contrastive sampling, or the spherical-distance baseline)"))
     parser.set_defaults(func=run_sample)
     return parser
+
+
+def add_clip_guidance_arguments(group) -> None:
+    group.add_argument("--clip-guidance", type=finite_float, metavar="GAMMA", help="steer every image by gamma "
+                       "times the gradient of a CLIP's log p(caption | image) (off by default; the README's "
+                       "table uses 100 on the built-in model, with --sampler ddpm --guidance 1)")
+    group.add_argument("--clip-loss", choices=["contrastive", "spherical"], default="contrastive",
+                       help="contrastive: softmax of the caption against --distractors others (003); spherical: "
+                       "the spherical distance to the caption alone (default: %(default)s)")
+    group.add_argument("--clip", metavar="DIR", help="a scene CLIP folder (python -m fastdiff.eval.scene_clip; "
+                       "default: the packaged one, made for the built-in model's scenes); with --glide, the noised "
+                       "CLIP of --glide-clip is used instead")
+    group.add_argument("--distractors", type=positive_int, default=3, metavar="N", help="distractors per caption "
+                       "for --clip-loss contrastive: the caption's scene with its objects swapped, recoloured or "
+                       "reshaped, so scene captions only (default: %(default)s)")
+
+
+def clip_guidance_options(args, pipe, prompts):
+    """(options_for, extra_config) for sample_images from --clip-guidance etc., or (None, None);
+    every caption's distractors are made here, so a caption that is not a scene's fails before any work."""
+    if args.clip_guidance is None:
+        if args.clip is not None:
+            raise CliError("--clip names the CLIP of --clip-guidance; give --clip-guidance GAMMA too")
+        return None, None
+    from ..guidance import ContrastiveClipGuidance, SphericalClipGuidance
+
+    if args.glide:
+        if args.clip is not None:
+            raise CliError("with --glide, CLIP guidance uses GLIDE's noised CLIP (--glide-clip DIR), not --clip")
+        if getattr(pipe, "clip", None) is None:
+            raise CliError("CLIP guidance with --glide needs its noised CLIP: --glide-clip DIR")
+        clip, clip_name = pipe.clip, "glide:" + os.path.abspath(args.glide_clip)
+    else:
+        from .scene_clip import DEFAULT_SCENE_CLIP_DIR, SceneClip
+
+        folder = args.clip or DEFAULT_SCENE_CLIP_DIR
+        with api_errors("--clip"):
+            clip = SceneClip.load(folder, device=pipe.device)
+        clip_name = "built-in" if args.clip is None else os.path.abspath(args.clip)
+    gamma = args.clip_guidance
+    if args.clip_loss == "spherical":
+        def options_for(captions):
+            return {"clip_guidance": SphericalClipGuidance(clip, captions, gamma)}
+    else:
+        from .scene_clip import scene_distractors
+
+        with api_errors("--clip-loss contrastive makes each caption's distractors from its scene"):
+            distractors = {p["caption"]: scene_distractors(p["caption"], args.distractors) for p in prompts}
+
+        def options_for(captions):
+            return {"clip_guidance": ContrastiveClipGuidance(clip, captions, [distractors[c] for c in captions],
+                                                             gamma)}
+    extra = {"clip_guidance": {"scale": gamma, "loss": args.clip_loss, "clip": clip_name,
+                               "distractors": args.distractors if args.clip_loss == "contrastive" else None}}
+    return options_for, extra
 
 
 def _device(args, ranks):
@@ -96,11 +153,13 @@ def run_sample(args) -> int:
         pipe = load_glide_pipeline(args, device, dtype)
     else:
         pipe = load_pipeline(args.model, device, dtype)
+    options_for, extra_config = clip_guidance_options(args, pipe, prompts)
     with api_errors():
         summary = sample_images(pipe, prompts, args.output, model=_model_name(args), seed=args.seed,
                                 num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                                 batch_size=args.batch_size, height=args.height, width=args.width,
-                                negative_prompt=args.negative_prompt, progress=not args.no_progress, ranks=ranks)
+                                negative_prompt=args.negative_prompt, progress=not args.no_progress, ranks=ranks,
+                                options_for=options_for, extra_config=extra_config)
     if ranks.rank == 0:
         print(json.dumps(summary), file=sys.stdout)
     return 0
