@@ -140,8 +140,11 @@ def _cmd_generate(args) -> int:
                            "BASE_PT OUT` and pass --model OUT")
         if args.channels_last or args.fuse_qkv:
             raise CliError("--channels-last/--fuse-qkv apply to latent diffusion models, not GLIDE")
-    elif args.image or args.mask or args.glide_upsampler or args.clip_guidance is not None:
-        raise CliError("--image/--mask/--glide-upsampler/--clip-guidance are GLIDE options; give --glide BASE.pt")
+        if args.clip is not None or args.clip_loss is not None or args.distractors is not None:
+            raise CliError("with --glide, --clip-guidance is GLIDE's own CLIP guidance with its noised CLIP "
+                           "(--glide-clip); --clip/--clip-loss/--distractors are for latent models")
+    elif args.image or args.mask or args.glide_upsampler:
+        raise CliError("--image/--mask/--glide-upsampler are GLIDE options; give --glide BASE.pt")
     if args.glide is not None and (args.thresholding or args.dynamic_thresholding_ratio is not None
                                    or args.sample_max_value is not None):
         raise CliError("--thresholding/--dynamic-thresholding-ratio/--sample-max-value are latent diffusion "
@@ -161,6 +164,7 @@ def _cmd_generate(args) -> int:
         return _generate_vq(args, pipe, prompts, paths)
     if args.truncation_rate is not None:
         raise CliError("--truncation-rate is a VQ-Diffusion option; this model is not one")
+    steering = _clip_guidance(args, pipe, prompts)
     with api_errors():
         if args.channels_last:
             pipe.to(memory_format=torch.channels_last)
@@ -174,9 +178,20 @@ def _cmd_generate(args) -> int:
                      guidance_rescale=args.guidance_rescale, sampler=args.sampler, eta=args.eta,
                      height=args.height, width=args.width, clip_skip=args.clip_skip, cuda_graph=args.cuda_graph,
                      thresholding=args.thresholding, dynamic_thresholding_ratio=args.dynamic_thresholding_ratio,
-                     sample_max_value=args.sample_max_value))
+                     sample_max_value=args.sample_max_value), **steering)
     _save_images(images, paths, time.perf_counter() - start)
     return 0
+
+
+def _clip_guidance(args, pipe, prompts) -> dict:
+    """generate()'s clip_guidance from --clip-guidance on a latent model: the scene CLIP's
+    (fastdiff sample's options), one target per image."""
+    from .eval.sample_cli import clip_guidance_options
+
+    options_for, _ = clip_guidance_options(args, pipe, prompts)
+    if options_for is None:
+        return {}
+    return options_for([p for p in prompts for _ in range(args.images_per_prompt)])
 
 
 def _generate_vq(args, pipe, prompts, paths) -> int:
@@ -187,7 +202,9 @@ def _generate_vq(args, pipe, prompts, paths) -> int:
                                        ("--channels-last", args.channels_last), ("--fuse-qkv", args.fuse_qkv),
                                        ("--thresholding", args.thresholding),
                                        ("--dynamic-thresholding-ratio", args.dynamic_thresholding_ratio),
-                                       ("--sample-max-value", args.sample_max_value))
+                                       ("--sample-max-value", args.sample_max_value),
+                                       ("--clip-guidance", args.clip_guidance), ("--clip", args.clip),
+                                       ("--clip-loss", args.clip_loss), ("--distractors", args.distractors))
               if value is not None and value is not False]
     if unused:
         raise CliError(f"{', '.join(unused)} do not apply to VQ-Diffusion (it samples tokens of a fixed grid "
@@ -258,6 +275,7 @@ MODEL_DEFAULT = "default: the model's own; `fastdiff info --model [PATH]` lists 
 
 
 def build_parser() -> Parser:
+    from .eval.sample_cli import add_clip_guidance_arguments  # torch-free, as the parser must be
     from .sampling.names import SAMPLER_NAMES  # the names only: building the parser imports no torch
 
     parser = Parser(prog="fastdiff", description="fastdiff: a fused sampler engine for text-to-image diffusion.")
@@ -328,10 +346,15 @@ def build_parser() -> Parser:
                        "(latent diffusion)")
     speed.add_argument("--fuse-qkv", action="store_true", help="one GEMM for each attention's q/k/v (k/v for "
                        "cross-attention) projections (latent diffusion)")
+    add_clip_guidance_arguments(gen.add_argument_group(
+        "CLIP guidance of a latent model (reference 003: contrastive, or the spherical-distance baseline)"),
+        with_scale=False)
     glide = gen.add_argument_group("GLIDE (openai/glide-text2im checkpoints)")
     add_glide_model_arguments(glide)
-    glide.add_argument("--clip-guidance", type=finite_float, help="CLIP guidance scale (GLIDE's notebook uses 3 "
-                       "with --guidance 1)")
+    glide.add_argument("--clip-guidance", type=finite_float, metavar="GAMMA", help="CLIP guidance scale. GLIDE: "
+                       "its noised CLIP's guidance (the notebook uses 3 with --guidance 1); a latent model: "
+                       "contrastive guidance by a scene CLIP (see --clip-loss; the README's table uses 100 on the "
+                       "built-in model with --sampler ddpm --guidance 1)")
     glide.add_argument("--respacing", help="GLIDE timestep respacing for the base model: '100', 'ddim50', "
                        "'fast27' or sections like '10,10,3,2,2' (default: the GLIDE pipeline's, glide-text2im's)")
     glide.add_argument("--upsample-respacing", help="respacing of the upsampler (default: the GLIDE pipeline's, "

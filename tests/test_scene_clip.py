@@ -121,3 +121,41 @@ def test_contrastive_sample_refuses_captions_that_are_not_scenes(tmp_path):
                         "--no-progress", cwd=tmp_path)
     assert done.returncode == 2 and "not a scene caption" in done.stderr and "distractors" in done.stderr
     assert not out.exists() or not list(out.glob("*.png"))
+
+
+def test_generate_clip_guidance_is_the_api_call(tmp_path, clip):
+    """`fastdiff generate --clip-guidance` on the built-in model is generate(clip_guidance=...) with
+    the scene CLIP and each caption's scene_distractors: the same PNG, in one process."""
+    import numpy as np
+    from PIL import Image
+
+    import fastdiff
+    from fastdiff.cli import main
+    from fastdiff.guidance import ContrastiveClipGuidance
+
+    caption = "a red circle above a blue square"
+    out = tmp_path / "x.png"
+    assert main(["generate", caption, "--clip-guidance", "100", "--sampler", "ddpm", "--guidance", "1",
+                 "--steps", "3", "--seed", "0", "-o", str(out), "--no-progress"]) == 0
+    guidance = ContrastiveClipGuidance(clip, [caption], [scene_distractors(caption, 3)], 100.0)
+    pipe = fastdiff.Pipeline()
+    api = pipe.generate(caption, clip_guidance=guidance, sampler="ddpm", guidance_scale=1.0, num_inference_steps=3,
+                        seed=0, progress=False)[0]
+    plain = pipe.generate(caption, sampler="ddpm", guidance_scale=1.0, num_inference_steps=3, seed=0,
+                          progress=False)[0]
+    got = np.asarray(Image.open(out).convert("RGB"))
+    np.testing.assert_array_equal(got, np.asarray(api))
+    assert np.abs(got.astype(int) - np.asarray(plain).astype(int)).max() > 8  # the guidance moved it
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clip-loss", "spherical"], "give --clip-guidance GAMMA too"),
+    (["--clip-guidance", "1", "--clip-loss", "spherical", "--distractors", "2"], "--distractors are for"),
+    (["--clip-guidance", "1", "--glide", "base.pt", "--clip-loss", "spherical"], "GLIDE's own CLIP guidance"),
+])
+def test_generate_refuses_bad_clip_guidance(tmp_path, capsys, args, message):
+    from fastdiff.cli import main
+
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "-o", str(out), "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err and not out.exists()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import textwrap
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -66,28 +66,39 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def add_clip_guidance_arguments(group) -> None:
-    group.add_argument("--clip-guidance", type=finite_float, metavar="GAMMA", help="steer every image by gamma "
-                       "times the gradient of a CLIP's log p(caption | image) (off by default; the README's "
-                       "table uses 100 on the built-in model, with --sampler ddpm --guidance 1)")
-    group.add_argument("--clip-loss", choices=["contrastive", "spherical"], default="contrastive",
+CLIP_GUIDANCE_HELP = ("steer every image by gamma times the gradient of a CLIP's log p(caption | image) (off by "
+                      "default; the README's table uses 100 on the built-in model, with --sampler ddpm --guidance 1)")
+
+
+def add_clip_guidance_arguments(group, with_scale: bool = True) -> None:
+    """--clip-guidance GAMMA (unless the command has its own), --clip-loss, --clip, --distractors."""
+    if with_scale:
+        group.add_argument("--clip-guidance", type=finite_float, metavar="GAMMA", help=CLIP_GUIDANCE_HELP)
+    group.add_argument("--clip-loss", choices=["contrastive", "spherical"],
                        help="contrastive: softmax of the caption against --distractors others (003); spherical: "
-                       "the spherical distance to the caption alone (default: %(default)s)")
+                       "the spherical distance to the caption alone (default: contrastive)")
     group.add_argument("--clip", metavar="DIR", help="a scene CLIP folder (python -m fastdiff.eval.scene_clip; "
-                       "default: the packaged one, made for the built-in model's scenes); with --glide, the noised "
-                       "CLIP of --glide-clip is used instead")
-    group.add_argument("--distractors", type=positive_int, default=3, metavar="N", help="distractors per caption "
+                       "default: the packaged one, made for the built-in model's scenes); GLIDE's guidance reads its "
+                       "noised CLIP (--glide-clip) instead")
+    group.add_argument("--distractors", type=positive_int, metavar="N", help="distractors per caption "
                        "for --clip-loss contrastive: the caption's scene with its objects swapped, recoloured or "
-                       "reshaped, so scene captions only (default: %(default)s)")
+                       "reshaped, so scene captions only (default: 3)")
 
 
-def clip_guidance_options(args, pipe, prompts):
-    """(options_for, extra_config) for sample_images from --clip-guidance etc., or (None, None);
-    every caption's distractors are made here, so a caption that is not a scene's fails before any work."""
+def clip_guidance_options(args, pipe, captions):
+    """(options_for(batch captions) -> generate() keywords, what they are as a dict) from
+    --clip-guidance etc., or (None, None); every caption's distractors are made here, so a caption
+    that is not a scene's fails before any work."""
     if args.clip_guidance is None:
-        if args.clip is not None:
-            raise CliError("--clip names the CLIP of --clip-guidance; give --clip-guidance GAMMA too")
+        given = [flag for flag, value in (("--clip", args.clip), ("--clip-loss", args.clip_loss),
+                                          ("--distractors", args.distractors)) if value is not None]
+        if given:
+            raise CliError(f"{'/'.join(given)} shape CLIP guidance; give --clip-guidance GAMMA too")
         return None, None
+    loss = args.clip_loss or "contrastive"
+    if loss == "spherical" and args.distractors is not None:
+        raise CliError("--distractors are for --clip-loss contrastive; the spherical distance reads one caption")
+    n_distractors = 3 if args.distractors is None else args.distractors
     from ..guidance import ContrastiveClipGuidance, SphericalClipGuidance
 
     if args.glide:
@@ -104,20 +115,20 @@ def clip_guidance_options(args, pipe, prompts):
             clip = SceneClip.load(folder, device=pipe.device)
         clip_name = "built-in" if args.clip is None else os.path.abspath(args.clip)
     gamma = args.clip_guidance
-    if args.clip_loss == "spherical":
+    if loss == "spherical":
         def options_for(captions):
             return {"clip_guidance": SphericalClipGuidance(clip, captions, gamma)}
     else:
         from .scene_clip import scene_distractors
 
         with api_errors("--clip-loss contrastive makes each caption's distractors from its scene"):
-            distractors = {p["caption"]: scene_distractors(p["caption"], args.distractors) for p in prompts}
+            distractors = {c: scene_distractors(c, n_distractors) for c in captions}
 
         def options_for(captions):
             return {"clip_guidance": ContrastiveClipGuidance(clip, captions, [distractors[c] for c in captions],
                                                              gamma)}
-    extra = {"clip_guidance": {"scale": gamma, "loss": args.clip_loss, "clip": clip_name,
-                               "distractors": args.distractors if args.clip_loss == "contrastive" else None}}
+    extra = {"clip_guidance": {"scale": gamma, "loss": loss, "clip": clip_name,
+                               "distractors": n_distractors if loss == "contrastive" else None}}
     return options_for, extra
 
 
@@ -153,7 +164,7 @@ def run_sample(args) -> int:
         pipe = load_glide_pipeline(args, device, dtype)
     else:
         pipe = load_pipeline(args.model, device, dtype)
-    options_for, extra_config = clip_guidance_options(args, pipe, prompts)
+    options_for, extra_config = clip_guidance_options(args, pipe, [p["caption"] for p in prompts])
     with api_errors():
         summary = sample_images(pipe, prompts, args.output, model=_model_name(args), seed=args.seed,
                                 num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,

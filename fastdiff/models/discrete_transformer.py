@@ -11,7 +11,7 @@ Every attention runs through ``fastdiff.ops.attention``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Union
 
 import torch
 import torch.nn.functional as F

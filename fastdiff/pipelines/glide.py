@@ -227,10 +227,8 @@ class GlidePipeline(Pipeline):
     def _run_stage(self, model: Text2ImUNet, denoiser, x: Tensor, sampler: str, plan, *, draws: _GlideDraws,
                    cond_fn, callback, progress: bool, stage: str, denoised_fn=None, cuda_graph: bool = False):
         graphs = self.graph_cache.scope(stage, model) if cuda_graph else False
-        stage_callback = None
-        if callback is not None:
-            def stage_callback(info):
-                callback(dataclasses.replace(info, stage=stage))
+        stage_callback = None if callback is None else \
+            (lambda info: callback(dataclasses.replace(info, stage=stage)))
         if sampler in RESPACED_SAMPLERS:
             out = run_plan(denoiser, x, plan, noise=draws, callback=stage_callback, progress=progress,
                            cond_fn=cond_fn, denoised_fn=denoised_fn, cuda_graph=graphs)
