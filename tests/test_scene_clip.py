@@ -159,3 +159,25 @@ def test_generate_refuses_bad_clip_guidance(tmp_path, capsys, args, message):
     out = tmp_path / "x.png"
     assert main(["generate", "a red circle", "-o", str(out), "--no-progress", *args]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_damaged_or_nan_weights_are_refused(tmp_path, clip):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "clip"
+    shutil.copytree(DEFAULT_SCENE_CLIP_DIR, folder)
+    weights = folder / "judge.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name][0] = float("nan")
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="NaN"):
+        SceneClip.load(str(folder))
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        SceneClip.load(str(folder))
+    (folder / "scene_clip.json").write_text('{"logit_scale": -1, "temperature": 16}')
+    with pytest.raises(ValueError, match="logit_scale must be a positive number"):
+        SceneClip.load(str(folder))

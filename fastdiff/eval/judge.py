@@ -131,7 +131,15 @@ class Judge(nn.Module):
                 raise ValueError(f"{path}: judge was trained for {key} {config[key]}, the scenes now use "
                                  f"{list(current)}; retrain it")
         judge = cls(config["channels"], config["hidden"])
-        judge.load_state_dict(load_file(weights_path))
+        try:
+            state = load_file(weights_path)
+        except Exception as exc:  # safetensors' own error type for a damaged or truncated file
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({exc}); retrain or restore it") \
+                from exc
+        bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            raise ValueError(f"{weights_path}: {bad[0]} holds NaN or infinite values; retrain or restore it")
+        judge.load_state_dict(state)
         judge.training_record = config.get("training", {})
         return judge.to(device).eval()
 
