@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,23 +58,36 @@ class Judge(nn.Module):
         self.training_record: Dict = {}  # how it was trained and how well it reads; saved in the json
 
     def forward(self, images: Tensor) -> Dict[str, Tensor]:
-        h = self.trunk(self.features(images))
+        return self._heads(self.trunk(self.features(images)))
+
+    def _heads(self, h: Tensor) -> Dict[str, Tensor]:
         return {"layout": self.layout_head(h),
                 "shape": torch.stack([head(h) for head in self.shape_heads], 1),    # [B, 2, 3]
                 "color": torch.stack([head(h) for head in self.color_heads], 1)}    # [B, 2, 5]
 
-    @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 256) -> List[dict]:
         """[B, 3, H, W] in [-1, 1] -> canonical dicts (see fastdiff.data.scenes.canonical)."""
+        return self.read(images, batch_size)[1]
+
+    def embed(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """The judge's penultimate layer (its `hidden` ReLU features, float32 [B, hidden]) of images
+        [B, 3, H, W] in [-1, 1], resized as predict() resizes them: an Inception-free feature space for
+        FID/KID in the shapes domain (fastdiff.eval.fidelity)."""
+        return self.read(images, batch_size)[0]
+
+    @torch.no_grad()
+    def read(self, images: Tensor, batch_size: int = 256) -> Tuple[Tensor, List[dict]]:
+        """embed() and predict() of the same images in one pass of the network."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        predictions = []
+        features, predictions = [], []
         for start in range(0, images.shape[0], batch_size):
-            batch = resize_to_judge(images[start:start + batch_size].to(device, torch.float32))
-            out = self(batch)
+            h = self.trunk(self.features(resize_to_judge(images[start:start + batch_size].to(device, torch.float32))))
+            features.append(h.cpu())
+            out = self._heads(h)
             layouts = out["layout"].argmax(-1).tolist()
             shapes, colors = out["shape"].argmax(-1).tolist(), out["color"].argmax(-1).tolist()
             for layout, shape, color in zip(layouts, shapes, colors):
@@ -82,22 +95,7 @@ class Judge(nn.Module):
                 objects = [(SHAPES[shape[i]], COLOR_NAMES[color[i]]) for i in range(slots)]
                 predictions.append({"layout": LAYOUTS[layout], "objects": objects})
         self.train(was_training)
-        return predictions
-
-    @torch.no_grad()
-    def embed(self, images: Tensor, batch_size: int = 256) -> Tensor:
-        """The judge's penultimate layer (its `hidden` ReLU features, float32 [B, hidden]) of images
-        [B, 3, H, W] in [-1, 1], resized as predict() resizes them: an Inception-free feature space for
-        FID/KID in the shapes domain (fastdiff.eval.fidelity)."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        out = [self.trunk(self.features(resize_to_judge(images[start:start + batch_size].to(device, torch.float32))))
-               .cpu() for start in range(0, images.shape[0], batch_size)]
-        self.train(was_training)
-        return torch.cat(out)
+        return (torch.cat(features) if features else torch.zeros(0, self.hidden)), predictions
 
     def save(self, path: str) -> None:
         """Writes `path`/judge.safetensors (weights) and `path`/judge.json (architecture, class names, record)."""

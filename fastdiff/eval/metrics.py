@@ -139,7 +139,7 @@ class _References:
 
 # ---------------------------------------------------------------- per-image scores
 
-def _features(scorers: Scorers, images: torch.Tensor) -> Dict[str, np.ndarray]:
+def _features(scorers: Scorers, images: torch.Tensor, judge: bool = True) -> Dict[str, np.ndarray]:
     out = {}
     if scorers.inception is not None:
         from .inception import inception_features
@@ -148,13 +148,29 @@ def _features(scorers: Scorers, images: torch.Tensor) -> Dict[str, np.ndarray]:
         # float32, as torch-fidelity keeps them (fastdiff.eval.fidelity follows the features' precision)
         out["inception_pool"] = np.asarray(found["2048"], dtype=np.float32)
         out["inception_logits"] = np.asarray(found["logits_unbiased"], dtype=np.float32)
-    if scorers.judge is not None:
+    if judge and scorers.judge is not None:
         out["judge_pool"] = scorers.judge.embed(images.float() / 127.5 - 1).numpy()
     return out
 
 
+def _judge_scores(scorers: Scorers, images: torch.Tensor, lines: List[dict]) -> Dict[str, np.ndarray]:
+    """judge_pool, and on scene runs the attribute scores, from one pass of the judge."""
+    if scorers.judge is None:
+        return {}
+    features, predictions = scorers.judge.read(images.float() / 127.5 - 1)
+    out = {"judge_pool": features.numpy()}
+    if all("scene_seed" in line for line in lines):
+        from ..data.scenes import canonical
+        from .attributes import METRICS, score_one
+
+        scores = [score_one(p, canonical(line["caption"])) for p, line in zip(predictions, lines)]
+        out.update({"judge_" + m: np.array([s[m] for s in scores]) for m in METRICS})
+    return out
+
+
 def _score_chunk(scorers: Scorers, images: torch.Tensor, lines: List[dict], refs: Optional[torch.Tensor]) -> dict:
-    out = _features(scorers, images)
+    out = _features(scorers, images, judge=False)
+    out.update(_judge_scores(scorers, images, lines))
     if scorers.clip is not None:
         out["clip"] = scorers.clip.score(images, [line["caption"] for line in lines]).double().numpy()
     if refs is not None:
@@ -162,13 +178,6 @@ def _score_chunk(scorers: Scorers, images: torch.Tensor, lines: List[dict], refs
 
         out["psnr"], out["ssim"] = psnr(refs, images).numpy(), ssim(refs, images).numpy()
         out.update({"ref_" + k: v for k, v in _features(scorers, refs).items() if k != "inception_logits"})
-    if scorers.judge is not None and all("scene_seed" in line for line in lines):
-        from ..data.scenes import canonical
-        from .attributes import METRICS, score_one
-
-        predictions = scorers.judge.predict(images.float() / 127.5 - 1)
-        scores = [score_one(p, canonical(line["caption"])) for p, line in zip(predictions, lines)]
-        out.update({"judge_" + m: np.array([s[m] for s in scores]) for m in METRICS})
     return out
 
 
@@ -200,11 +209,15 @@ def _cached(path: str, compute) -> Dict[str, np.ndarray]:
                 return {k: data[k] for k in data.files}
         except (OSError, ValueError):  # damaged: recomputed and rewritten below
             pass
+    import io
+
+    from .batch import write_atomic
+
     found = compute()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(temp, **found)
-    os.replace(temp, path)
+    body = io.BytesIO()
+    np.savez(body, **found)
+    write_atomic(path, body.getvalue())
     return found
 
 

@@ -64,12 +64,12 @@ def markdown(results: Sequence[dict], settings, networks: dict) -> str:
 
 
 def write(path: str, text: str) -> None:
+    """`text` into `path` (its folder made), atomically: a reader never sees half a report."""
+    from .batch import write_atomic
+
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f"{path}.{os.getpid()}.tmp"
-    with open(temp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(temp, path)
+    write_atomic(path, text.encode("utf-8"))
 
 
 def write_json(path: str, body: dict) -> None:
