@@ -184,6 +184,7 @@ def test_inception_metrics_of_a_run_equal_torch_fidelitys(run, tmp_path):
                         sha256_of(weights)[:12], "--is-splits", "3", "--kid-subsets", "5", "--kid-subset-size", "6",
                         "--batch-size", "5", "--output-json", str(report))
     assert done.returncode == 0, done.stderr
+    assert json.dumps(json.load(open(report))).count(sha256_of(weights)) >= 1  # the report names the file's hash
     ours = json.load(open(report))["runs"][0]["metrics"]
     extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                             feature_extractor_weights_path=weights)

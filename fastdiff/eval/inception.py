@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from typing import Dict, Iterable, List, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -198,6 +198,8 @@ def check_images(images) -> Tensor:
 class InceptionV3(nn.Module):
     """The FID InceptionV3 (TF 2015-12-05 graph); forward(uint8 [B,3,H,W]) -> {"2048", "logits_unbiased"}."""
 
+    file_sha256: Optional[str] = None  # the weights file's, set by load_inception when it checked it
+
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
@@ -287,8 +289,10 @@ def _check_layout(state: dict, expected: Dict[str, Tensor], path: str) -> None:
 def load_inception(path: Union[str, os.PathLike], sha256: str | None = INCEPTION_SHA256,
                    device="cpu") -> InceptionV3:
     """The FID InceptionV3 from torch-fidelity's weights file, checked (sha256 prefix, layout, finite), in eval
-    mode. `sha256` is a hex prefix of the file's sha256 (default: the release file's); None skips the check."""
+    mode. `sha256` is a hex prefix of the file's sha256 (default: the release file's); None skips the check.
+    The file's whole sha256 is kept as ``model.file_sha256`` (None when unchecked) for reports."""
     path = os.fspath(path)
+    actual = None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"InceptionV3 weights not found at {path!r}: fastdiff never downloads them; get "
                                 f"torch-fidelity's release file {TORCH_FIDELITY_FILE} (or pytorch-fid's "
@@ -308,6 +312,7 @@ def load_inception(path: Union[str, os.PathLike], sha256: str | None = INCEPTION
     full = {k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}
     full.update(state)
     model.load_state_dict(full, strict=True)
+    model.file_sha256 = actual
     return model.requires_grad_(False).eval().to(device)
 
 

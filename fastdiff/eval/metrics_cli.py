@@ -66,7 +66,7 @@ def _scorers(args, device):
 
             expected = args.inception_sha256 or INCEPTION_SHA256
             scorers.inception = load_inception(args.inception_weights, sha256=expected, device=device)
-            scorers.inception_sha256 = sha256_of(args.inception_weights)
+            scorers.inception_sha256 = scorers.inception.file_sha256 or sha256_of(args.inception_weights)
         if args.judge:
             from .inception import sha256_of
             from .judge import Judge
