@@ -22,6 +22,7 @@ from ..loaders import stable_diffusion as sd_loader
 from ..sampling import SchedulerConfig, sample
 from ..sampling.graphs import GraphCache
 from ..sampling.noise import Generators, randn, randn_like
+from ..sampling.registry import check_thresholding
 from . import arguments as A
 from .base import FOLDER_DEFAULTS_KEY, Pipeline, register_pipeline, to_output
 from .guided import Chain, check_clip_guidance
@@ -184,19 +185,15 @@ class StableDiffusionPipeline(Pipeline):
         self._warn_without_effect(a, spec)
 
     def _thresholded_config(self, a, spec) -> SchedulerConfig:
-        """The scheduler config with generate()'s thresholding arguments over the folder's (checked by
-        SchedulerConfig; a sampler without dynamic thresholding refuses it when its plan is built)."""
+        """The scheduler config with generate()'s thresholding arguments over the folder's (values
+        checked by SchedulerConfig), refused before any work for a sampler without thresholding."""
         given = {k: getattr(a, k) for k in ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
                  if getattr(a, k) is not None}
-        if not given:
-            return self.scheduler_config
-        config = dataclasses.replace(self.scheduler_config, **given)
+        config = dataclasses.replace(self.scheduler_config, **given) if given else self.scheduler_config
         if not config.thresholding and set(given) - {"thresholding"}:
             A.warn_no_effect(sorted(set(given) - {"thresholding"})[0], "thresholding is off (thresholding=True "
                              "turns it on)")
-        if config.thresholding and not spec.thresholding:
-            raise ValueError(f"sampler {a.sampler!r} has no dynamic thresholding; use one that has "
-                             f"(ddpm, ddim, dpmpp_2m, dpmpp_2m_karras)")
+        check_thresholding(spec.name, config)
         return config
 
     @staticmethod

@@ -53,6 +53,19 @@ def _spec(name, builder, options=(), thresholding=False, **kw) -> SamplerSpec:
                        thresholding=thresholding, **kw)
 
 
+def _refuse_thresholding(name: str, cfg: SchedulerConfig, has_it: bool) -> None:
+    if cfg.thresholding and not has_it:
+        able = ", ".join(spec.name for spec in SAMPLERS.values() if spec.thresholding)
+        raise ValueError(f"the {name} sampler has no dynamic thresholding (diffusers' {SAMPLER_CLASS.get(name, name)} "
+                         f"lacks it), which the scheduler config turns on (thresholding=True); samplers with "
+                         f"dynamic thresholding: {able}")
+
+
+def check_thresholding(name: str, config) -> None:
+    """Refuse, before any work, a config with thresholding=True for a sampler without it."""
+    _refuse_thresholding(name, as_scheduler_config(config), get_sampler(name).thresholding)
+
+
 def _checked(name: str, builder: Callable, options: frozenset, thresholding: bool) -> Callable:
     """`builder` behind every argument check, so a spec's build_plan refuses bad input before any work."""
     def build_plan(config, num_steps, *, start: int = 0, **given) -> S.Plan:
@@ -61,11 +74,7 @@ def _checked(name: str, builder: Callable, options: frozenset, thresholding: boo
             raise TypeError(f"the {name} sampler takes no option {unknown[0]!r} "
                             f"(its options: {', '.join(sorted(options)) or 'none'})")
         cfg = as_scheduler_config(config)
-        if cfg.thresholding and not thresholding:
-            able = ", ".join(spec.name for spec in SAMPLERS.values() if spec.thresholding)
-            raise ValueError(f"the scheduler config sets thresholding=True, which the {name} sampler does not have "
-                             f"(diffusers' {SAMPLER_CLASS.get(name, name)} lacks it); samplers with dynamic "
-                             f"thresholding: {able}")
+        _refuse_thresholding(name, cfg, thresholding)
         if given.get("timesteps") is not None:
             num_steps = len(given["timesteps"])
         num_steps = check_num_steps(name, cfg, num_steps)
