@@ -154,16 +154,24 @@ def judge_scene(rng: random.Random):
     return random_scene(rng, split=split)
 
 
+def slot_labels(target: dict) -> tuple:
+    """A canonical scene's class indices: layout, [shape slot 1, slot 2], [colour slot 1, slot 2];
+    a one-object scene's slot 2 repeats slot 1 (masked in the judge's loss, trained with every_slot)."""
+    objects = target["objects"] + target["objects"][:1] * (2 - len(target["objects"]))
+    return (LAYOUTS.index(target["layout"]), [SHAPES.index(shape) for shape, _ in objects],
+            [COLOR_NAMES.index(color) for _, color in objects])
+
+
 def scene_batch(scenes) -> tuple:
     """Rendered images [B, 3, 64, 64] and label tensors: layout [B], shape/colour [B, 2], slot-2 mask [B]."""
     images = torch.stack([render(scene, IMAGE_SIZE) for scene in scenes])
     layouts, shapes, colors, two = [], [], [], []
     for scene in scenes:
         target = canonical(scene)
-        objects = target["objects"] + target["objects"][:1] * (2 - len(target["objects"]))  # pad slot 2, masked
-        layouts.append(LAYOUTS.index(target["layout"]))
-        shapes.append([SHAPES.index(shape) for shape, _ in objects])
-        colors.append([COLOR_NAMES.index(color) for _, color in objects])
+        layout, shape, color = slot_labels(target)
+        layouts.append(layout)
+        shapes.append(shape)
+        colors.append(color)
         two.append(len(target["objects"]) == 2)
     return images, {"layout": torch.tensor(layouts), "shape": torch.tensor(shapes),
                     "color": torch.tensor(colors), "two_objects": torch.tensor(two)}

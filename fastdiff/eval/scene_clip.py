@@ -33,10 +33,12 @@ import os
 from typing import List, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.scenes import COLORS, SHAPES, canonical
-from .judge import COLOR_NAMES, LAYOUTS, Judge, head_accuracy, measure_judge, resize_to_judge, train_judge
+from ..data.scenes import COLORS, SHAPES, Obj, Scene, canonical
+from .judge import (COLOR_NAMES, LAYOUTS, Judge, head_accuracy, measure_judge, resize_to_judge, slot_labels,
+                    train_judge)
 
 DEFAULT_SCENE_CLIP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scene_clip_weights")
 READER_SEED = 24680  # not the judge's 12345 nor a generator's stream: the guide never trains on their scenes
@@ -83,11 +85,11 @@ class SceneClip(nn.Module):
             captions = [captions]
         rows = []
         for caption in captions:
-            target = canonical(caption)  # ValueError naming the caption when it is not a scene caption
-            objects = target["objects"] * (2 // len(target["objects"]))
-            labels = [(LAYOUTS, target["layout"]), (SHAPES, objects[0][0]), (COLOR_NAMES, objects[0][1]),
-                      (SHAPES, objects[1][0]), (COLOR_NAMES, objects[1][1])]
-            rows.append(torch.cat([torch.tensor([float(name == value) for name in names]) for names, value in labels]))
+            # canonical(): a ValueError naming the caption when it is not a scene caption
+            layout, shapes, colors = slot_labels(canonical(caption))
+            labels = [(layout, len(LAYOUTS)), (shapes[0], len(SHAPES)), (colors[0], len(COLOR_NAMES)),
+                      (shapes[1], len(SHAPES)), (colors[1], len(COLOR_NAMES))]
+            rows.append(torch.cat([F.one_hot(torch.tensor(i), n).float() for i, n in labels]))
         return torch.stack(rows).to(next(self.reader.parameters()).device)
 
     def save(self, path: str) -> None:
@@ -154,10 +156,9 @@ def _key(scene: dict) -> tuple:
 
 
 def _caption(scene: dict) -> str:
-    named = [f"a {colour} {shape}" for shape, colour in scene["objects"]]
-    if scene["layout"] == "single":
-        return named[0]
-    return f" {'above' if scene['layout'] == 'vertical' else 'to the left of'} ".join(named)
+    """A canonical scene's caption (objects top-to-bottom or left-to-right, as canonical() orders them)."""
+    relation = {"single": None, "vertical": "above", "horizontal": "to the left of"}[scene["layout"]]
+    return Scene(tuple(Obj(shape, colour) for shape, colour in scene["objects"]), relation).caption
 
 
 def measure_reader(clip: SceneClip, n: int = 2000) -> dict:
@@ -172,10 +173,10 @@ def measure_reader(clip: SceneClip, n: int = 2000) -> dict:
     images = torch.stack([render(scene) for scene in scenes])
     captions = [scene.caption for scene in scenes]
     with torch.no_grad():
-        z_image = nn.functional.normalize(clip.encode_image(images), dim=-1)
+        z_image = F.normalize(clip.encode_image(images), dim=-1)
         wins = 0
         for i, caption in enumerate(captions):
-            z_text = nn.functional.normalize(clip.encode_text([caption, *scene_distractors(caption, 3)]), dim=-1)
+            z_text = F.normalize(clip.encode_text([caption, *scene_distractors(caption, 3)]), dim=-1)
             wins += int((z_text @ z_image[i]).argmax().item() == 0)
     heads = head_accuracy(clip.reader.predict(images), [canonical(scene) for scene in scenes])
     return {"heads": heads, "target_wins_vs_3_distractors": wins / n,
