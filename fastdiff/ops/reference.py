@@ -71,16 +71,7 @@ def guided_step(
     """
     check_guided_step(x, cond, uncond, guidance_scale, coeffs, noise, history, clip_range,
                       learned_variance)
-    ct = compute_dtype(x.dtype)
-    channels = x.shape[1]
-    nd = x.dim()
-    k = [_per_sample(coeffs[:, j].to(ct), nd) for j in range(coeffs.shape[1])]
-    xf = x.to(ct)
-    pred = cond[:, :channels].to(ct)
-    if uncond is not None:
-        s = _per_sample(guidance_scale.to(ct), nd)
-        u = uncond[:, :channels].to(ct)
-        pred = u + s * (pred - u)
+    ct, k, xf, _, _, _, pred = _operands(x, cond, uncond, guidance_scale, coeffs)
     x0 = k[X0_X] * xf + k[X0_P] * pred
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
@@ -88,10 +79,7 @@ def guided_step(
     for j, h in enumerate(history):
         out = out + k[HIST0 + j] * h.to(ct)
     if noise is not None:
-        std = 1.0
-        if learned_variance:
-            frac = 0.5 * (cond[:, channels:].to(ct) + 1.0)
-            std = torch.exp(0.5 * (frac * k[LOGVAR_MAX] + (1.0 - frac) * k[LOGVAR_MIN]))
+        std = _noise_std(cond, x.shape[1], k, ct) if learned_variance else 1.0
         out = out + k[OUT_NOISE] * std * noise.to(ct)
     fmt = output_memory_format(x)
     out = out.to(x.dtype).contiguous(memory_format=fmt)
@@ -101,6 +89,29 @@ def guided_step(
     else:
         den = x.new_empty(0)
     return out, den
+
+
+def _operands(x: Tensor, cond: Tensor, uncond: Optional[Tensor], guidance_scale: Optional[Tensor], coeffs: Tensor):
+    """What guided_step and its backward both start from, in the compute dtype ct: (ct, the
+    coefficient columns k broadcast per sample, x, cond's prediction half c, uncond's u, the
+    scale s, the guided prediction u + s (c - u)); u and s are None without CFG."""
+    ct = compute_dtype(x.dtype)
+    channels, nd = x.shape[1], x.dim()
+    k = [_per_sample(coeffs[:, j].to(ct), nd) for j in range(coeffs.shape[1])]
+    c = cond[:, :channels].to(ct)
+    u = s = None
+    pred = c
+    if uncond is not None:
+        s = _per_sample(guidance_scale.to(ct), nd)
+        u = uncond[:, :channels].to(ct)
+        pred = u + s * (c - u)
+    return ct, k, x.to(ct), c, u, s, pred
+
+
+def _noise_std(cond: Tensor, channels: int, k: list, ct: torch.dtype) -> Tensor:
+    """A learned variance's noise scale: exp of half the log-variance interpolated by cond's second half."""
+    frac = 0.5 * (cond[:, channels:].to(ct) + 1.0)
+    return torch.exp(0.5 * (frac * k[LOGVAR_MAX] + (1.0 - frac) * k[LOGVAR_MIN]))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,19 +162,11 @@ def guided_step_backward(
         g_h_j  = HIST_j g_out,  g_noise = OUT_NOISE std g_out
         g_v    = OUT_NOISE noise g_out * d std / d v,  d std / d v = std (LOGVAR_MAX - LOGVAR_MIN) / 4
     """
-    ct = compute_dtype(x.dtype)
-    channels, nd = x.shape[1], x.dim()
-    k = [_per_sample(coeffs[:, j].to(ct), nd) for j in range(coeffs.shape[1])]
+    ct, k, xf, c, u, s, pred = _operands(x, cond, uncond, guidance_scale, coeffs)
+    channels = x.shape[1]
     zeros = torch.zeros((), dtype=ct, device=x.device)
     go = zeros if grad_out is None else grad_out.to(ct)
     gd = zeros if grad_den is None or not write_denoised or grad_den.numel() == 0 else grad_den.to(ct)
-    xf = x.to(ct)
-    c = cond[:, :channels].to(ct)
-    pred = c
-    if uncond is not None:
-        s = _per_sample(guidance_scale.to(ct), nd)
-        u = uncond[:, :channels].to(ct)
-        pred = u + s * (c - u)
     g_x0 = k[OUT_X0] * go + k[DEN_X0] * gd
     if clip_range is not None:
         x0 = k[X0_X] * xf + k[X0_P] * pred
@@ -183,8 +186,7 @@ def guided_step_backward(
         std = 1.0
         nf = noise.to(ct)
         if learned_variance:
-            frac = 0.5 * (cond[:, channels:].to(ct) + 1.0)
-            std = torch.exp(0.5 * (frac * k[LOGVAR_MAX] + (1.0 - frac) * k[LOGVAR_MIN]))
+            std = _noise_std(cond, channels, k, ct)
             g_var = (k[OUT_NOISE] * go * nf * std * (0.25 * (k[LOGVAR_MAX] - k[LOGVAR_MIN]))).expand(x.shape)
         g_noise = _grad_like((k[OUT_NOISE] * std * go).expand(x.shape), noise)
     if cond.shape[1] != channels:   # 2C channels: the variance half (zero grad when unread)
